@@ -1,0 +1,304 @@
+"""The registry: tenants, keys, adapters, versions and aliases in one SQL database.
+
+SQLAlchemy 2 async; a SQLite file by default, PostgreSQL by URL when several gateways share it.
+Each public method is one transaction: a row is either fully written or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import event, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import selectinload
+
+from adapters.errors import Conflict, NotFound
+from adapters.names import ModelRef, check_alias, check_name
+from adapters.registry.models import Adapter, AdapterVersion, Alias, ApiKey, Base, Tenant, utcnow
+
+__all__ = ["Registry", "VersionSpec", "Adapter", "AdapterVersion", "Alias", "ApiKey", "Tenant"]
+
+KEY_PREFIX = "lpx-"
+
+
+def hash_key(key: str) -> str:
+    # Keys are 256-bit random tokens, so a plain SHA-256 is enough (no password stretching).
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class VersionSpec:
+    """What registration learned about an adapter, written with its new version row."""
+
+    store_key: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    base_model: str | None
+    size_bytes: int
+    sha256: str
+    source: str
+    meta: dict
+
+
+@dataclass(frozen=True)
+class DeletedVersions:
+    """What a delete removed from the registry, so the caller can unload and erase it."""
+
+    engine_names: list[str]
+    store_keys: list[str]
+
+
+class Registry:
+    def __init__(self, url: str) -> None:
+        self.engine = create_async_engine(url)
+        if url.startswith("sqlite"):
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    async def create_schema(self) -> None:
+        async with self.engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[AsyncSession]:
+        async with self._sessions() as session, session.begin():
+            yield session
+
+    # -- tenants ---------------------------------------------------------------------------
+
+    async def create_tenant(self, tenant_id: str) -> Tenant:
+        check_name(tenant_id, "tenant")
+        try:
+            async with self._tx() as s:
+                tenant = Tenant(id=tenant_id)
+                s.add(tenant)
+        except IntegrityError as exc:
+            raise Conflict(f"tenant {tenant_id!r} already exists", code="tenant_exists") from exc
+        return tenant
+
+    async def list_tenants(self) -> list[Tenant]:
+        async with self._tx() as s:
+            return list((await s.scalars(select(Tenant).order_by(Tenant.id))).all())
+
+    async def get_tenant(self, tenant_id: str) -> Tenant:
+        async with self._tx() as s:
+            return await _tenant(s, tenant_id)
+
+    async def delete_tenant(self, tenant_id: str) -> DeletedVersions:
+        async with self._tx() as s:
+            tenant = await _tenant(s, tenant_id)
+            versions = (await s.scalars(
+                select(AdapterVersion).join(Adapter).where(Adapter.tenant_id == tenant_id))).all()
+            await s.delete(tenant)
+            return _deleted(versions)
+
+    # -- keys ------------------------------------------------------------------------------
+
+    async def create_key(self, tenant_id: str, name: str | None = None) -> tuple[ApiKey, str]:
+        """Make a key for the tenant; returns the row and the key, which is never stored."""
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        async with self._tx() as s:
+            await _tenant(s, tenant_id)
+            row = ApiKey(id=secrets.token_hex(8), tenant_id=tenant_id, key_hash=hash_key(key),
+                         prefix=key[:10], name=name)
+            s.add(row)
+        return row, key
+
+    async def list_keys(self, tenant_id: str) -> list[ApiKey]:
+        async with self._tx() as s:
+            await _tenant(s, tenant_id)
+            rows = await s.scalars(
+                select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.created_at))
+            return list(rows.all())
+
+    async def revoke_key(self, tenant_id: str, key_id: str) -> ApiKey:
+        async with self._tx() as s:
+            row = await s.get(ApiKey, key_id)
+            if row is None or row.tenant_id != tenant_id:
+                raise NotFound(f"key {key_id!r} not found for tenant {tenant_id!r}")
+            if row.revoked_at is None:
+                row.revoked_at = utcnow()
+            return row
+
+    async def tenant_for_key(self, key: str) -> str | None:
+        """The tenant that owns this (unrevoked) key, or None."""
+        async with self._tx() as s:
+            row = await s.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
+            if row is None or row.revoked_at is not None:
+                return None
+            return row.tenant_id
+
+    # -- adapters and versions ---------------------------------------------------------------
+
+    async def reserve_version(self, tenant_id: str, name: str) -> tuple[int, bool]:
+        """Take the next version number of an adapter, creating the adapter if needed.
+
+        Returns (version, created). The number is consumed even if registration fails later,
+        so a version number never names two different sets of weights.
+        """
+        check_name(name, "adapter")
+        async with self._tx() as s:
+            await _tenant(s, tenant_id)
+            adapter = await _adapter_or_none(s, tenant_id, name)
+            created = adapter is None
+            if adapter is None:
+                adapter = Adapter(tenant_id=tenant_id, name=name, next_version=1)
+                s.add(adapter)
+                await s.flush()
+            version = adapter.next_version
+            adapter.next_version = version + 1
+            return version, created
+
+    async def add_version(self, tenant_id: str, name: str, version: int,
+                          spec: VersionSpec) -> AdapterVersion:
+        async with self._tx() as s:
+            adapter = await _adapter(s, tenant_id, name)
+            row = AdapterVersion(
+                adapter_id=adapter.id, version=version,
+                engine_name=f"{tenant_id}/{name}@{version}.{secrets.token_hex(4)}",
+                store_key=spec.store_key, rank=spec.rank, alpha=spec.alpha,
+                target_modules=spec.target_modules, base_model=spec.base_model,
+                size_bytes=spec.size_bytes, sha256=spec.sha256, source=spec.source,
+                meta=spec.meta)
+            s.add(row)
+        return row
+
+    async def abandon_reservation(self, tenant_id: str, name: str) -> None:
+        """Remove an adapter that a failed first registration created and left empty."""
+        async with self._tx() as s:
+            adapter = await _adapter_or_none(s, tenant_id, name)
+            if adapter is not None and not adapter.versions:
+                await s.delete(adapter)
+
+    async def list_adapters(self, tenant_id: str) -> list[Adapter]:
+        async with self._tx() as s:
+            await _tenant(s, tenant_id)
+            rows = await s.scalars(
+                select(Adapter).where(Adapter.tenant_id == tenant_id).order_by(Adapter.name)
+                .options(selectinload(Adapter.versions), selectinload(Adapter.aliases)))
+            return list(rows.all())
+
+    async def get_adapter(self, tenant_id: str, name: str) -> Adapter:
+        async with self._tx() as s:
+            return await _adapter(s, tenant_id, name)
+
+    async def delete_adapter(self, tenant_id: str, name: str) -> DeletedVersions:
+        async with self._tx() as s:
+            adapter = await _adapter(s, tenant_id, name)
+            deleted = _deleted(adapter.versions)
+            await s.delete(adapter)
+            return deleted
+
+    async def get_version(self, tenant_id: str, name: str, version: int) -> AdapterVersion:
+        async with self._tx() as s:
+            adapter = await _adapter(s, tenant_id, name)
+            return _version_of(adapter, version)
+
+    async def delete_version(self, tenant_id: str, name: str, version: int) -> DeletedVersions:
+        async with self._tx() as s:
+            adapter = await _adapter(s, tenant_id, name)
+            row = _version_of(adapter, version)
+            pointing = sorted(a.alias for a in adapter.aliases if a.version == version)
+            if pointing:
+                raise Conflict(
+                    f"version {version} of {name!r} is the target of alias(es) "
+                    f"{', '.join(pointing)}; move or delete them first", code="version_in_use")
+            await s.delete(row)
+            return _deleted([row])
+
+    async def set_alias(self, tenant_id: str, name: str, alias: str, version: int) -> Alias:
+        check_alias(alias)
+        async with self._tx() as s:
+            adapter = await _adapter(s, tenant_id, name)
+            _version_of(adapter, version)
+            row = next((a for a in adapter.aliases if a.alias == alias), None)
+            if row is None:
+                row = Alias(adapter_id=adapter.id, alias=alias, version=version)
+                s.add(row)
+            row.version = version
+            return row
+
+    async def delete_alias(self, tenant_id: str, name: str, alias: str) -> None:
+        async with self._tx() as s:
+            adapter = await _adapter(s, tenant_id, name)
+            row = next((a for a in adapter.aliases if a.alias == alias), None)
+            if row is None:
+                raise NotFound(f"alias {alias!r} not found on adapter {name!r}")
+            await s.delete(row)
+
+    async def resolve(self, tenant_id: str, ref: ModelRef) -> AdapterVersion:
+        """The version a tenant's `model` names: `name` is the latest, `name@N`, `name@alias`."""
+        async with self._tx() as s:
+            adapter = await _adapter_or_none(s, tenant_id, ref.adapter)
+            if adapter is None:
+                raise NotFound(f"model {ref.adapter!r} does not exist", param="model",
+                               code="model_not_found")
+            if ref.alias is not None:
+                alias = next((a for a in adapter.aliases if a.alias == ref.alias), None)
+                if alias is None:
+                    raise NotFound(f"alias {ref.alias!r} does not exist on model {ref.adapter!r}",
+                                   param="model", code="model_not_found")
+                return _version_of(adapter, alias.version)
+            if ref.version is not None:
+                return _version_of(adapter, ref.version)
+            if not adapter.versions:
+                raise NotFound(f"model {ref.adapter!r} has no versions", param="model",
+                               code="model_not_found")
+            return adapter.versions[-1]
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+async def _tenant(s: AsyncSession, tenant_id: str) -> Tenant:
+    tenant = await s.get(Tenant, tenant_id)
+    if tenant is None:
+        raise NotFound(f"tenant {tenant_id!r} not found", code="tenant_not_found")
+    return tenant
+
+
+async def _adapter_or_none(s: AsyncSession, tenant_id: str, name: str) -> Adapter | None:
+    return await s.scalar(
+        select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name)
+        .options(selectinload(Adapter.versions), selectinload(Adapter.aliases)))
+
+
+async def _adapter(s: AsyncSession, tenant_id: str, name: str) -> Adapter:
+    await _tenant(s, tenant_id)
+    adapter = await _adapter_or_none(s, tenant_id, name)
+    if adapter is None:
+        raise NotFound(f"adapter {name!r} not found for tenant {tenant_id!r}",
+                       code="adapter_not_found")
+    return adapter
+
+
+def _version_of(adapter: Adapter, version: int) -> AdapterVersion:
+    row = next((v for v in adapter.versions if v.version == version), None)
+    if row is None:
+        raise NotFound(f"version {version} of {adapter.name!r} does not exist", param="model",
+                       code="version_not_found")
+    return row
+
+
+def _deleted(versions: list[AdapterVersion] | tuple) -> DeletedVersions:  # type: ignore[type-arg]
+    return DeletedVersions([v.engine_name for v in versions], [v.store_key for v in versions])
+
+
+def timestamp(value: datetime) -> int:
+    """Unix seconds, as OpenAI objects carry them."""
+    return int(value.timestamp())

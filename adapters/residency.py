@@ -1,0 +1,186 @@
+"""Which adapter versions are loaded in the engine: an LRU over engine slots with pins.
+
+A request holds its adapter for its whole life (`use`). Loading happens on first use, once
+for any number of concurrent first requests (single flight). When every slot is taken, the
+least recently used adapter that no request holds is unloaded to make room; if all are held,
+the request waits for one to be released, up to `slot_wait_s`, then gets Overloaded.
+
+Eviction and its side effect (the engine unload) live together here, as in vLLM's
+`LRUCacheLoRAModelManager._on_remove`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from adapters.errors import Overloaded
+
+log = logging.getLogger(__name__)
+
+
+class AdapterLoader(Protocol):
+    """The engine side of residency (the vLLM runtime LoRA API)."""
+
+    async def load_adapter(self, engine_name: str, path: Path) -> None: ...
+
+    async def unload_adapter(self, engine_name: str) -> None: ...
+
+
+class SlotState(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+
+
+@dataclass
+class _Slot:
+    engine_name: str
+    state: SlotState = SlotState.LOADING
+    users: int = 0
+    loaded: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    last_used: float = field(default_factory=time.monotonic)
+    load_seconds: float | None = None
+
+
+@dataclass
+class ResidencyStats:
+    hits: int = 0
+    loads: int = 0
+    load_failures: int = 0
+    evictions: int = 0
+    unloads: int = 0
+
+
+class Residency:
+    def __init__(self, loader: AdapterLoader, capacity: int, slot_wait_s: float,
+                 on_event: Callable[[str, str, float], None] = lambda _e, _n, _s: None) -> None:
+        self._loader = loader
+        self.capacity = capacity
+        self._slot_wait_s = slot_wait_s
+        self._slots: OrderedDict[str, _Slot] = OrderedDict()  # least recently used first
+        self._changed = asyncio.Condition()
+        self._on_event = on_event  # (event, engine_name, seconds) for metrics
+        self.stats = ResidencyStats()
+
+    @asynccontextmanager
+    async def use(self, engine_name: str,
+                  fetch: Callable[[], Awaitable[Path]]) -> AsyncIterator[None]:
+        """Hold `engine_name` loaded for the body; `fetch` gives its local folder if a load is needed."""
+        slot = await self._acquire(engine_name, fetch)
+        try:
+            yield
+        finally:
+            slot.users -= 1
+            slot.last_used = time.monotonic()
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def _acquire(self, engine_name: str, fetch: Callable[[], Awaitable[Path]]) -> _Slot:
+        deadline = time.monotonic() + self._slot_wait_s
+        async with self._changed:
+            while True:
+                slot = self._slots.get(engine_name)
+                if slot is not None:
+                    slot.users += 1
+                    if slot.state is SlotState.READY:
+                        self.stats.hits += 1
+                    self._slots.move_to_end(engine_name)
+                    break
+                victim = None
+                if len(self._slots) >= self.capacity:
+                    victim = next((s for s in self._slots.values()
+                                   if s.users == 0 and s.state is SlotState.READY), None)
+                    if victim is None:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            raise Overloaded(
+                                f"all {self.capacity} adapter slots are in use; retry shortly",
+                                code="adapter_slots_busy", retry_after_s=1)
+                        with suppress(TimeoutError):
+                            await asyncio.wait_for(self._changed.wait(), remaining)
+                        continue
+                    del self._slots[victim.engine_name]
+                slot = _Slot(engine_name, users=1)
+                self._slots[engine_name] = slot
+                # Only this caller loads; the others wait on `slot.loaded` below.
+                asyncio.get_running_loop().create_task(self._load(slot, victim, fetch))
+                break
+        try:
+            await asyncio.shield(slot.loaded)
+        except BaseException:
+            slot.users -= 1
+            raise
+        return slot
+
+    async def _load(self, slot: _Slot, victim: _Slot | None,
+                    fetch: Callable[[], Awaitable[Path]]) -> None:
+        # Runs as its own task: a cancelled first request must not strand the others.
+        started = time.monotonic()
+        try:
+            if victim is not None:
+                self.stats.evictions += 1
+                self._on_event("eviction", victim.engine_name, 0.0)
+                await self._unload(victim.engine_name)
+            path = await fetch()
+            await self._loader.load_adapter(slot.engine_name, path)
+        except BaseException as exc:
+            self.stats.load_failures += 1
+            async with self._changed:
+                if self._slots.get(slot.engine_name) is slot:
+                    del self._slots[slot.engine_name]
+                self._changed.notify_all()
+            slot.loaded.set_exception(exc)
+            slot.loaded.exception()  # mark retrieved: waiters may all have gone
+            return
+        slot.load_seconds = time.monotonic() - started
+        slot.state = SlotState.READY
+        self.stats.loads += 1
+        self._on_event("load", slot.engine_name, slot.load_seconds)
+        slot.loaded.set_result(None)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _unload(self, engine_name: str) -> None:
+        try:
+            await self._loader.unload_adapter(engine_name)
+            self.stats.unloads += 1
+        except Exception:  # the engine may have restarted and forgotten it  # noqa: BLE001
+            log.warning("unloading %s from the engine failed", engine_name, exc_info=True)
+
+    async def retire(self, engine_name: str) -> None:
+        """Unload an adapter that was deleted, once no request holds it."""
+        async with self._changed:
+            slot = self._slots.get(engine_name)
+            if slot is None:
+                return
+            await self._changed.wait_for(lambda: slot.users == 0 and slot.loaded.done())
+            if self._slots.get(engine_name) is not slot:
+                return
+            del self._slots[engine_name]
+            self._changed.notify_all()
+        if slot.state is SlotState.READY:
+            await self._unload(engine_name)
+
+    def forget_all(self) -> None:
+        """The engine restarted: nothing is loaded in it any more."""
+        self._slots.clear()
+
+    def snapshot(self) -> dict[str, object]:
+        now = time.monotonic()
+        return {
+            "capacity": self.capacity,
+            "resident": [
+                {"engine_name": s.engine_name, "state": s.state.value, "in_flight": s.users,
+                 "idle_seconds": round(now - s.last_used, 3), "load_seconds": s.load_seconds}
+                for s in self._slots.values()
+            ],
+            "stats": vars(self.stats).copy(),
+        }

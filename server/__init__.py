@@ -1,0 +1,1 @@
+"""The loraplex gateway: OpenAI-compatible tenant API, admin API, engine supervision."""

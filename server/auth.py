@@ -1,0 +1,58 @@
+"""Who is calling: a tenant (X-Tenant-ID + its bearer key) or the admin (admin bearer token)."""
+
+from __future__ import annotations
+
+import hmac
+
+from cachetools import TTLCache
+
+from adapters.errors import Forbidden, Unauthenticated
+from adapters.registry import Registry, hash_key
+
+TENANT_HEADER = "x-tenant-id"
+# Key lookups are cached briefly; revocations made by this gateway clear the cache at once,
+# those made by another gateway sharing the database apply within this many seconds.
+KEY_CACHE_TTL_S = 5.0
+
+
+def bearer_token(authorization: str | None) -> str:
+    if not authorization:
+        raise Unauthenticated("missing Authorization header; send 'Authorization: Bearer <key>'")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("Authorization must be 'Bearer <key>'")
+    return token.strip()
+
+
+class TenantAuth:
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+        # Keyed by the key's hash, never by the key itself.
+        self._owners: TTLCache[str, str | None] = TTLCache(maxsize=100_000, ttl=KEY_CACHE_TTL_S)
+
+    def forget(self) -> None:
+        self._owners.clear()
+
+    async def tenant(self, tenant_header: str | None, authorization: str | None) -> str:
+        """The tenant a request acts for; 401 without a valid key, 403 for another tenant's."""
+        key = bearer_token(authorization)
+        if not tenant_header:
+            raise Unauthenticated("missing X-Tenant-ID header", code="missing_tenant")
+        digest = hash_key(key)
+        if digest in self._owners:
+            owner = self._owners[digest]
+        else:
+            owner = await self._registry.tenant_for_key(key)
+            self._owners[digest] = owner
+        if owner is None:
+            raise Unauthenticated("invalid API key")
+        if owner != tenant_header:
+            raise Forbidden("this API key does not belong to the tenant in X-Tenant-ID",
+                            code="tenant_mismatch")
+        return owner
+
+
+def check_admin(expected: str, authorization: str | None) -> None:
+    token = bearer_token(authorization)
+    if not hmac.compare_digest(token.encode(), expected.encode()):
+        raise Unauthenticated("invalid admin token")

@@ -1,0 +1,57 @@
+"""FastAPI dependencies, as `Annotated` aliases the routes declare."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, TypeVar
+
+from fastapi import Depends, Header, Request
+from pydantic import BaseModel, ValidationError
+
+from adapters.errors import InvalidInput
+from server.auth import check_admin
+from server.services import Services
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services  # type: ignore[no-any-return]
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def current_tenant(
+    services: ServicesDep,
+    x_tenant_id: Annotated[str | None, Header()] = None,
+    authorization: Annotated[str | None, Header()] = None,
+) -> str:
+    return await services.auth.tenant(x_tenant_id, authorization)
+
+
+def require_admin(services: ServicesDep,
+                  authorization: Annotated[str | None, Header()] = None) -> None:
+    check_admin(services.admin_token, authorization)
+
+
+TenantDep = Annotated[str, Depends(current_tenant)]
+AdminDep = Depends(require_admin)
+
+
+async def parse_json(request: Request, model: type[M]) -> M:
+    """Parse a JSON body into `model`, turning every failure into a 400 naming the field."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(data, dict):
+        raise InvalidInput("request body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or None
+        raise InvalidInput(f"{where}: {first['msg']}" if where else first["msg"], param=where,
+                           code="invalid_value") from exc

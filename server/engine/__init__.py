@@ -1,0 +1,1 @@
+"""The inference engine: vLLM's OpenAI server, spawned and supervised or reached by URL."""

@@ -1,0 +1,123 @@
+"""HTTP client for the vLLM OpenAI server: inference, health and the runtime LoRA API.
+
+Transport failures become `Unavailable` (503 with Retry-After); engine error answers become
+`EngineError`, which keeps the engine's status and OpenAI-shaped body.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from adapters.errors import LoraplexError, Unavailable
+
+
+class EngineError(LoraplexError):
+    """The engine answered with an error status; its message is relayed to the caller."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        message, param, code = f"engine error {status}", None, None
+        try:
+            err = json.loads(body).get("error", {})
+            message = err.get("message") or message
+            param = err.get("param")
+        except (ValueError, AttributeError):
+            pass
+        super().__init__(message, param=param, code=code)
+        self.status = status
+
+
+def _unavailable(exc: Exception) -> Unavailable:
+    return Unavailable(f"the inference engine is unavailable ({type(exc).__name__})",
+                       code="engine_unavailable", retry_after_s=5)
+
+
+class EngineClient:
+    def __init__(self, base_url: str, timeout_s: float,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        # One pooled client for the gateway's life; limits sized for many concurrent streams.
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, transport=transport,
+            timeout=httpx.Timeout(timeout_s, connect=5.0),
+            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256))
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def healthy(self) -> bool:
+        try:
+            resp = await self._http.get("/health", timeout=5.0)
+        except httpx.HTTPError:
+            return False
+        return resp.status_code == 200
+
+    async def load_adapter(self, engine_name: str, path: Path) -> None:
+        await self._post_admin("/v1/load_lora_adapter",
+                               {"lora_name": engine_name, "lora_path": str(path)})
+
+    async def unload_adapter(self, engine_name: str) -> None:
+        await self._post_admin("/v1/unload_lora_adapter", {"lora_name": engine_name})
+
+    async def loaded_adapters(self) -> list[str]:
+        try:
+            resp = await self._http.get("/v1/models", timeout=10.0)
+        except httpx.HTTPError as exc:
+            raise _unavailable(exc) from exc
+        if resp.status_code != 200:
+            raise EngineError(resp.status_code, resp.content)
+        return [m["id"] for m in resp.json().get("data", []) if m.get("parent")]
+
+    async def metrics(self) -> str:
+        try:
+            resp = await self._http.get("/metrics", timeout=10.0)
+        except httpx.HTTPError as exc:
+            raise _unavailable(exc) from exc
+        return resp.text
+
+    async def _post_admin(self, path: str, body: dict[str, Any]) -> None:
+        try:
+            resp = await self._http.post(path, json=body, timeout=120.0)
+        except httpx.HTTPError as exc:
+            raise _unavailable(exc) from exc
+        if resp.status_code != 200:
+            raise EngineError(resp.status_code, resp.content)
+
+    async def post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A non-streaming inference call."""
+        try:
+            resp = await self._http.post(path, json=body)
+        except httpx.HTTPError as exc:
+            raise _unavailable(exc) from exc
+        if resp.status_code != 200:
+            raise EngineError(resp.status_code, resp.content)
+        return resp.json()  # type: ignore[no-any-return]
+
+    @asynccontextmanager
+    async def stream_lines(self, path: str, body: dict[str, Any]) -> AsyncIterator[AsyncIterator[str]]:
+        """A streaming inference call: the status is checked before the first line is given,
+        and leaving the context closes the connection, which makes vLLM abort the request."""
+        try:
+            resp = await self._http.send(self._http.build_request("POST", path, json=body),
+                                         stream=True)
+        except httpx.HTTPError as exc:
+            raise _unavailable(exc) from exc
+        try:
+            if resp.status_code != 200:
+                raise EngineError(resp.status_code, await resp.aread())
+            yield _lines(resp)
+        finally:
+            await resp.aclose()
+
+
+async def _lines(resp: httpx.Response) -> AsyncIterator[str]:
+    try:
+        async for line in resp.aiter_lines():
+            yield line
+    except httpx.HTTPError as exc:
+        raise _unavailable(exc) from exc

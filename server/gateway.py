@@ -1,0 +1,146 @@
+"""Serving logic of the tenant API, with no FastAPI in it: resolve the tenant's `model`, hold
+its adapter in the engine, forward with the tenant's cache salt, and name the model in the
+answer as the tenant called it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cachetools import TTLCache
+
+from adapters.errors import InvalidInput, NotFound
+from adapters.names import parse_model_ref
+from adapters.registry import AdapterVersion, Registry
+from adapters.residency import Residency
+from adapters.store import AdapterStore
+from server.engine.client import EngineClient
+from server.protocol import _GenerationRequest
+
+# Resolution is cached briefly per gateway: admin changes made here clear it at once, changes
+# made by another gateway sharing the database show within this many seconds.
+RESOLVE_TTL_S = 2.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a request runs on: the base model (version None) or one adapter version."""
+
+    engine_name: str
+    version: AdapterVersion | None
+
+
+class Gateway:
+    def __init__(self, registry: Registry, store: AdapterStore, residency: Residency,
+                 engine: EngineClient, base_model_name: str, salt_secret: bytes) -> None:
+        self.registry = registry
+        self.store = store
+        self.residency = residency
+        self.engine = engine
+        self.base_model_name = base_model_name
+        self._salt_secret = salt_secret
+        self._resolved: TTLCache[tuple[str, str], Target] = TTLCache(maxsize=100_000,
+                                                                      ttl=RESOLVE_TTL_S)
+
+    def cache_salt(self, tenant: str) -> str:
+        """Keyed per-tenant salt: vLLM never shares prefix-cache blocks across tenants."""
+        return hmac.new(self._salt_secret, tenant.encode(), hashlib.sha256).hexdigest()
+
+    def forget_resolutions(self) -> None:
+        self._resolved.clear()
+
+    async def resolve(self, tenant: str, model: str) -> Target:
+        if model == self.base_model_name:
+            return Target(self.base_model_name, None)
+        cached = self._resolved.get((tenant, model))
+        if cached is not None:
+            return cached
+        try:
+            ref = parse_model_ref(model)
+        except InvalidInput as exc:
+            raise NotFound(f"model {model!r} does not exist", param="model",
+                           code="model_not_found") from exc
+        version = await self.registry.resolve(tenant, ref)
+        target = Target(version.engine_name, version)
+        self._resolved[(tenant, model)] = target
+        return target
+
+    def _hold(self, target: Target):  # type: ignore[no-untyped-def]
+        if target.version is None:
+            return _nothing()
+        key = target.version.store_key
+
+        async def fetch() -> Path:
+            return await self.store.local_path(key)
+
+        return self.residency.use(target.engine_name, fetch)
+
+    async def complete(self, tenant: str, path: str, req: _GenerationRequest) -> dict[str, Any]:
+        target = await self.resolve(tenant, req.model)
+        async with self._hold(target):
+            answer = await self.engine.post_json(
+                path, req.engine_body(target.engine_name, self.cache_salt(tenant)))
+        answer["model"] = req.model
+        return answer
+
+    async def stream(self, tenant: str, path: str, req: _GenerationRequest) -> AsyncIterator[bytes]:
+        """Server-sent events, as the engine sends them but naming the tenant's model.
+
+        Errors before the first event (unknown model, engine refusal) are raised when the
+        caller primes the generator, so they become proper HTTP errors.
+        """
+        target = await self.resolve(tenant, req.model)
+        body = req.engine_body(target.engine_name, self.cache_salt(tenant))
+        # Inside a JSON document an unescaped `"model":"<name>"` can only be the field itself,
+        # so a byte replace is exact and cheaper than parsing every chunk.
+        needle = f'"model":{json.dumps(target.engine_name)}'
+        replacement = f'"model":{json.dumps(req.model)}'
+        async with self._hold(target), self.engine.stream_lines(path, body) as lines:
+            yield b""  # primed: the engine accepted the request
+            event: list[str] = []
+            async for line in lines:
+                if line:
+                    event.append(line.replace(needle, replacement, 1))
+                    continue
+                if event:
+                    yield ("\n".join(event) + "\n\n").encode()
+                    event = []
+            if event:
+                yield ("\n".join(event) + "\n\n").encode()
+
+    async def models(self, tenant: str) -> list[dict[str, Any]]:
+        """OpenAI model objects for what this tenant may call."""
+        data = [{"id": self.base_model_name, "object": "model", "created": 0,
+                 "owned_by": "loraplex", "root": self.base_model_name, "parent": None}]
+        for adapter in await self.registry.list_adapters(tenant):
+            if not adapter.versions:
+                continue
+            created = _ts(adapter.versions[-1].created_at)
+            ids = [adapter.name]
+            ids += [f"{adapter.name}@{v.version}" for v in adapter.versions]
+            ids += [f"{adapter.name}@{a.alias}" for a in adapter.aliases]
+            data += [{"id": i, "object": "model", "created": created, "owned_by": tenant,
+                      "root": self.base_model_name, "parent": self.base_model_name}
+                     for i in ids]
+        return data
+
+
+class _nothing:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+def _ts(value) -> int:  # type: ignore[no-untyped-def]
+    from datetime import timezone
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return int(value.timestamp())

@@ -1,0 +1,94 @@
+"""The one settings object. Every knob is read here, from `LORAPLEX_*` variables, and passed down.
+
+Bounds that depend on each other are checked at start (like vLLM's LoRAConfig), not at the
+first request.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# vLLM only accepts these values for --max-lora-rank.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="ignore")
+
+    home: Path = Field(default=Path.home() / ".loraplex")
+    """Data folder: SQLite registry, local adapter store, built base model, server secret."""
+    host: str = "127.0.0.1"
+    """Interface the gateway binds to."""
+    port: int = Field(default=8000, ge=1, le=65535)
+    """Gateway port."""
+    admin_token: str | None = None
+    """Bearer token of the admin API; generated and stored in the data folder when unset."""
+    database_url: str | None = None
+    """SQLAlchemy async URL of the registry; a SQLite file in the data folder when unset."""
+
+    model_name: str = DEFAULT_MODEL_NAME
+    """Name the base model is served under; adapters resolve against it."""
+    model_path: Path | None = None
+    """Folder of the base model (HF layout). Unset: the default model is built into the data folder."""
+
+    engine_url: str | None = None
+    """URL of an already running vLLM OpenAI server; unset: loraplex spawns and supervises one."""
+    engine_port: int = Field(default=0, ge=0, le=65535)
+    """Loopback port of the spawned engine; 0 picks a free one."""
+    engine_start_timeout_s: float = Field(default=600.0, gt=0)
+    """How long the spawned engine may take to become healthy."""
+    engine_request_timeout_s: float = Field(default=600.0, gt=0)
+    """Upper bound on one forwarded request (non-streaming) or the gap between stream chunks."""
+    engine_extra_args: str = ""
+    """Extra command-line arguments for the spawned vLLM server, split like a shell would."""
+    engine_memory_fraction: float = Field(default=0.3, gt=0, le=1)
+    """--gpu-memory-utilization (on the CPU build: the share of host memory vLLM may reserve)."""
+    engine_cpu_kvcache_gib: int = Field(default=2, ge=1)
+    """VLLM_CPU_KVCACHE_SPACE for the CPU build."""
+    max_model_len: int = Field(default=2048, ge=64)
+    """Context length the engine serves."""
+
+    max_loras: int = Field(default=4, ge=1)
+    """Adapters one engine batch can mix (vLLM --max-loras)."""
+    max_resident_adapters: int = Field(default=16, ge=1)
+    """Adapters registered in the engine at once (vLLM --max-cpu-loras); LRU beyond that."""
+    max_lora_rank: int = 64
+    """Largest adapter rank the engine accepts (vLLM --max-lora-rank)."""
+    adapter_slot_wait_s: float = Field(default=30.0, ge=0)
+    """How long a request waits for a residency slot when every slot is in use."""
+
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    """Largest body accepted on the tenant API (413 above it)."""
+    max_upload_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)
+    """Largest adapter upload accepted on the admin API (413 above it)."""
+    max_adapter_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)
+    """Largest adapter weights file accepted at registration."""
+    local_source_allowlist: list[Path] = Field(default_factory=list)
+    """Folders the admin API may register adapters from by local path (empty: none)."""
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> Settings:
+        if self.max_resident_adapters < self.max_loras:
+            raise ValueError(
+                f"max_resident_adapters ({self.max_resident_adapters}) must be >= max_loras "
+                f"({self.max_loras}): vLLM requires max_cpu_loras >= max_loras"
+            )
+        if self.max_lora_rank not in VLLM_LORA_RANKS:
+            raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS}")
+        return self
+
+    @property
+    def registry_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.home / 'registry.db'}"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.home / "store"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
