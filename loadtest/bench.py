@@ -1,0 +1,228 @@
+"""Side-by-side benchmark: the same workload straight to vLLM and through the gateway, one run.
+
+It starts `loraplex up` itself (temporary data folder, the default model), so the figures
+include the engine start time, and then measures:
+  - cold-adapter first request (register -> first use loads it into the engine) vs warm,
+  - throughput and p50/p99 time to first token and latency at each concurrency,
+    direct to the engine and through the gateway, and their ratios,
+  - optionally (`--adapters N`) the same with requests spread over N adapters.
+
+    .venv/bin/python loadtest/bench.py --concurrency 1 16 --requests 32 --max-tokens 64
+
+Traffic goes to loopback only, bounded by --requests per level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from adapters.base_model import ensure_default_model  # noqa: E402
+from adapters.synthetic import make_random_adapters  # noqa: E402
+from server.engine.process import free_port  # noqa: E402
+from server.settings import DEFAULT_MODEL_NAME  # noqa: E402
+
+ADMIN = "bench-admin"
+PROMPT = [{"role": "user", "content": "Write a short story about a robot learning to paint."}]
+
+
+@dataclass
+class Sample:
+    ttft: float
+    latency: float
+    tokens: int
+
+
+@dataclass
+class Summary:
+    label: str
+    requests: int
+    wall: float
+    tokens: int
+    ttft_p50: float
+    ttft_p99: float
+    lat_p50: float
+    lat_p99: float
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.wall
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+async def one_stream(client: httpx.AsyncClient, url: str, headers: dict[str, str], model: str,
+                     max_tokens: int) -> Sample:
+    body = {"model": model, "messages": PROMPT, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    ttft, tokens = None, 0
+    async with client.stream("POST", url, json=body, headers=headers) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if ttft is None and chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                ttft = time.perf_counter() - start
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    latency = time.perf_counter() - start
+    return Sample(ttft if ttft is not None else latency, latency, tokens)
+
+
+async def run_level(label: str, url: str, headers: dict[str, str], models: list[str],
+                    concurrency: int, requests: int, max_tokens: int) -> Summary:
+    samples: list[Sample] = []
+    queue = list(range(requests))
+    async with httpx.AsyncClient(timeout=600) as client:
+        async def worker() -> None:
+            while queue:
+                i = queue.pop()
+                samples.append(await one_stream(client, url, headers, models[i % len(models)],
+                                                max_tokens))
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return Summary(label, len(samples), wall, sum(s.tokens for s in samples),
+                   pct([s.ttft for s in samples], 0.5), pct([s.ttft for s in samples], 0.99),
+                   pct([s.latency for s in samples], 0.5), pct([s.latency for s in samples], 0.99))
+
+
+def start_server(home: Path, model: Path, port: int, slots: int) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, LORAPLEX_HOME=str(home), LORAPLEX_PORT=str(port),
+               LORAPLEX_ADMIN_TOKEN=ADMIN, LORAPLEX_MODEL_PATH=str(model),
+               LORAPLEX_MAX_LORAS=str(min(slots, 4)),
+               LORAPLEX_MAX_RESIDENT_ADAPTERS=str(slots))
+    log = (home / "gateway.log").open("wb")
+    return subprocess.Popen([str(Path(sys.executable).parent / "loraplex"), "up"], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 900) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError("loraplex up exited")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return time.monotonic() - start
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError("server not healthy in time")
+
+
+def print_table(rows: list[Summary]) -> None:
+    print(f"{'workload':38} {'req':>4} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
+          f"{'lat p50':>8} {'lat p99':>8}")
+    for s in rows:
+        print(f"{s.label:38} {s.requests:>4} {s.tok_s:>8.1f} {s.ttft_p50 * 1000:>7.1f}ms "
+              f"{s.ttft_p99 * 1000:>7.1f}ms {s.lat_p50:>7.2f}s {s.lat_p99:>7.2f}s")
+
+
+def print_ratios(direct: Summary, gateway: Summary) -> None:
+    print(f"  gateway/direct @ {direct.label.split('@')[-1].strip()}: throughput "
+          f"{gateway.tok_s / direct.tok_s:.3f}x, TTFT p50 "
+          f"{(gateway.ttft_p50 - direct.ttft_p50) * 1000:+.1f} ms, latency p50 "
+          f"{gateway.lat_p50 / direct.lat_p50:.3f}x")
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    model = ensure_default_model(REPO / ".cache" / "models")
+    home = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    slots = max(2, args.slots)
+    proc = start_server(home, model, port, slots)
+    try:
+        ready_s = wait_healthy(url, proc)
+        print(f"engine start (loraplex up -> /healthz 200): {ready_s:.1f} s")
+        admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"},
+                             timeout=120)
+        admin.post("/admin/tenants", json={"id": "bench"}).raise_for_status()
+        key = admin.post("/admin/tenants/bench/keys", json={}).json()["key"]
+        headers = {"X-Tenant-ID": "bench", "Authorization": f"Bearer {key}"}
+        n_adapters = max(1, args.adapters)
+        folders = make_random_adapters(model, home / "made", n_adapters + 1, rank=8,
+                                       base_model_name=DEFAULT_MODEL_NAME)
+        engine_names = {}
+        for i, folder in enumerate(folders):
+            files = {n: (n, (folder / n).read_bytes())
+                     for n in ("adapter_config.json", "adapter_model.safetensors")}
+            r = admin.post(f"/admin/tenants/bench/adapters/a{i}/versions", files=files)
+            r.raise_for_status()
+            engine_names[f"a{i}"] = r.json()["engine_name"]
+        engine = admin.get("/admin/engine").json()["url"]
+
+        async with httpx.AsyncClient(timeout=600) as c:
+            gw = f"{url}/v1/chat/completions"
+            await one_stream(c, gw, headers, DEFAULT_MODEL_NAME, 4)  # warm the engine
+            cold = await one_stream(c, gw, headers, "a0", 16)
+            warm = await one_stream(c, gw, headers, "a0", 16)
+            base = await one_stream(c, gw, headers, DEFAULT_MODEL_NAME, 16)
+        print(f"cold adapter first request: TTFT {cold.ttft * 1000:.0f} ms, "
+              f"total {cold.latency * 1000:.0f} ms (16 tokens)")
+        print(f"warm adapter:               TTFT {warm.ttft * 1000:.0f} ms, "
+              f"total {warm.latency * 1000:.0f} ms")
+        print(f"base model:                 TTFT {base.ttft * 1000:.0f} ms, "
+              f"total {base.latency * 1000:.0f} ms")
+
+        rows: list[Summary] = []
+        workloads = [("base", [DEFAULT_MODEL_NAME], [DEFAULT_MODEL_NAME])]
+        if args.adapters:
+            names = [f"a{i + 1}" for i in range(n_adapters)]
+            workloads.append((f"{n_adapters} adapters", names,
+                              [engine_names[n] for n in names]))
+            # Load them all once through the gateway so the direct run finds them in the engine.
+            async with httpx.AsyncClient(timeout=600) as c:
+                for n in names:
+                    await one_stream(c, f"{url}/v1/chat/completions", headers, n, 1)
+        for conc in args.concurrency:
+            for name, gw_models, direct_models in workloads:
+                d = await run_level(f"direct  {name} @ {conc}", f"{engine}/v1/chat/completions",
+                                    {}, direct_models, conc, args.requests, args.max_tokens)
+                g = await run_level(f"gateway {name} @ {conc}", f"{url}/v1/chat/completions",
+                                    headers, gw_models, conc, args.requests, args.max_tokens)
+                rows += [d, g]
+        print()
+        print_table(rows)
+        print()
+        for d, g in zip(rows[::2], rows[1::2]):
+            print_ratios(d, g)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--requests", type=int, default=32, help="requests per workload and level")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--adapters", type=int, default=0,
+                   help="also run a workload spread over this many adapters")
+    p.add_argument("--slots", type=int, default=8, help="LORAPLEX_MAX_RESIDENT_ADAPTERS")
+    asyncio.run(main_async(p.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
