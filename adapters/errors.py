@@ -9,7 +9,8 @@
     ├── Conflict              the thing already exists                        -> 409
     ├── TooLarge              body or file over its bound                     -> 413
     ├── Overloaded            no capacity now; try again                      -> 429
-    └── Unavailable           engine or store down; try again                 -> 503
+    ├── Unavailable           engine or store down; try again                 -> 503
+    └── Corrupt               stored bytes fail their checksum; not loaded     -> 502
 """
 
 from __future__ import annotations
@@ -70,3 +71,9 @@ class Overloaded(LoraplexError):
 
 class Unavailable(LoraplexError):
     code = "unavailable"
+
+
+class Corrupt(LoraplexError):
+    """Stored adapter bytes do not match their manifest; they are never loaded."""
+
+    code = "adapter_corrupt"

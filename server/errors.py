@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.errors import (
     Conflict,
+    Corrupt,
     Forbidden,
     InvalidInput,
     LoraplexError,
@@ -38,6 +39,7 @@ _STATUS: list[tuple[type[LoraplexError], int, str]] = [
     (TooLarge, 413, "invalid_request_error"),
     (Overloaded, 429, "rate_limit_error"),
     (Unavailable, 503, "service_unavailable_error"),
+    (Corrupt, 502, "server_error"),
 ]
 _TYPE_BY_STATUS = {400: "invalid_request_error", 401: "authentication_error",
                    403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",

@@ -77,6 +77,6 @@ async def _cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
         if not task.done():
             task.cancel()
-    if task.cancelled():
+    if not task.done() or task.cancelled():
         raise ClientGone()
     return task.result()
