@@ -45,9 +45,11 @@ class _Slot:
     engine_name: str
     state: SlotState = SlotState.LOADING
     users: int = 0
-    loaded: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    loaded: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
     last_used: float = field(default_factory=time.monotonic)
     load_seconds: float | None = None
+    release: Callable[[], None] | None = None  # gives back what `fetch` checked out
 
 
 @dataclass
@@ -57,6 +59,12 @@ class ResidencyStats:
     load_failures: int = 0
     evictions: int = 0
     unloads: int = 0
+
+
+def _release(slot: _Slot) -> None:
+    release, slot.release = slot.release, None  # at most once per load
+    if release is not None:
+        release()
 
 
 class Residency:
@@ -69,12 +77,14 @@ class Residency:
         self._changed = asyncio.Condition()
         self._on_event = on_event  # (event, engine_name, seconds) for metrics
         self.stats = ResidencyStats()
+        self.waiting = 0  # requests waiting for a slot right now
 
     @asynccontextmanager
-    async def use(self, engine_name: str,
-                  fetch: Callable[[], Awaitable[Path]]) -> AsyncIterator[None]:
-        """Hold `engine_name` loaded for the body; `fetch` gives its local folder if a load is needed."""
-        slot = await self._acquire(engine_name, fetch)
+    async def use(self, engine_name: str, fetch: Callable[[], Awaitable[Path]],
+                  release: Callable[[], None] = lambda: None) -> AsyncIterator[None]:
+        """Hold `engine_name` loaded for the body. If it must be loaded, `fetch` gives its
+        folder, and `release` is called once the engine has unloaded it."""
+        slot = await self._acquire(engine_name, fetch, release)
         try:
             yield
         finally:
@@ -83,7 +93,8 @@ class Residency:
             async with self._changed:
                 self._changed.notify_all()
 
-    async def _acquire(self, engine_name: str, fetch: Callable[[], Awaitable[Path]]) -> _Slot:
+    async def _acquire(self, engine_name: str, fetch: Callable[[], Awaitable[Path]],
+                       release: Callable[[], None]) -> _Slot:
         deadline = time.monotonic() + self._slot_wait_s
         async with self._changed:
             while True:
@@ -92,6 +103,7 @@ class Residency:
                     slot.users += 1
                     if slot.state is SlotState.READY:
                         self.stats.hits += 1
+                        self._on_event("hit", engine_name, 0.0)
                     self._slots.move_to_end(engine_name)
                     break
                 victim = None
@@ -104,14 +116,18 @@ class Residency:
                             raise Overloaded(
                                 f"all {self.capacity} adapter slots are in use; retry shortly",
                                 code="adapter_slots_busy", retry_after_s=1)
-                        with suppress(TimeoutError):
-                            await asyncio.wait_for(self._changed.wait(), remaining)
+                        self.waiting += 1
+                        try:
+                            with suppress(TimeoutError):
+                                await asyncio.wait_for(self._changed.wait(), remaining)
+                        finally:
+                            self.waiting -= 1
                         continue
                     del self._slots[victim.engine_name]
                 slot = _Slot(engine_name, users=1)
                 self._slots[engine_name] = slot
                 # Only this caller loads; the others wait on `slot.loaded` below.
-                asyncio.get_running_loop().create_task(self._load(slot, victim, fetch))
+                asyncio.get_running_loop().create_task(self._load(slot, victim, fetch, release))
                 break
         try:
             await asyncio.shield(slot.loaded)
@@ -121,18 +137,21 @@ class Residency:
         return slot
 
     async def _load(self, slot: _Slot, victim: _Slot | None,
-                    fetch: Callable[[], Awaitable[Path]]) -> None:
+                    fetch: Callable[[], Awaitable[Path]], release: Callable[[], None]) -> None:
         # Runs as its own task: a cancelled first request must not strand the others.
         started = time.monotonic()
         try:
             if victim is not None:
                 self.stats.evictions += 1
                 self._on_event("eviction", victim.engine_name, 0.0)
-                await self._unload(victim.engine_name)
+                await self._unload(victim)
             path = await fetch()
+            slot.release = release
             await self._loader.load_adapter(slot.engine_name, path)
         except BaseException as exc:
             self.stats.load_failures += 1
+            self._on_event("load_failure", slot.engine_name, time.monotonic() - started)
+            _release(slot)
             async with self._changed:
                 if self._slots.get(slot.engine_name) is slot:
                     del self._slots[slot.engine_name]
@@ -148,12 +167,13 @@ class Residency:
         async with self._changed:
             self._changed.notify_all()
 
-    async def _unload(self, engine_name: str) -> None:
+    async def _unload(self, slot: _Slot) -> None:
         try:
-            await self._loader.unload_adapter(engine_name)
+            await self._loader.unload_adapter(slot.engine_name)
             self.stats.unloads += 1
         except Exception:  # the engine may have restarted and forgotten it  # noqa: BLE001
-            log.warning("unloading %s from the engine failed", engine_name, exc_info=True)
+            log.warning("unloading %s from the engine failed", slot.engine_name, exc_info=True)
+        _release(slot)
 
     async def retire(self, engine_name: str) -> None:
         """Unload an adapter that was deleted, once no request holds it."""
@@ -167,10 +187,15 @@ class Residency:
             del self._slots[engine_name]
             self._changed.notify_all()
         if slot.state is SlotState.READY:
-            await self._unload(engine_name)
+            await self._unload(slot)
+
+    def __len__(self) -> int:
+        return len(self._slots)
 
     def forget_all(self) -> None:
         """The engine restarted: nothing is loaded in it any more."""
+        for slot in self._slots.values():
+            _release(slot)
         self._slots.clear()
 
     def snapshot(self) -> dict[str, object]:

@@ -80,6 +80,14 @@ class AdapterStore(abc.ABC):
     async def local_path(self, key: str) -> Path:
         """A local folder holding the verified files of `key`, for the engine to load."""
 
+    async def checkout(self, key: str) -> Path:
+        """Like `local_path`, and the folder stays until `release` (the engine reads it while
+        the adapter is loaded)."""
+        return await self.local_path(key)
+
+    def release(self, key: str) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """The engine no longer needs the folder of `key`."""
+
     @abc.abstractmethod
     async def delete(self, key: str) -> None:
         """Remove `key`; removing a missing key is not an error."""

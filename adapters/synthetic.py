@@ -34,7 +34,8 @@ def make_random_adapters(base_model: Path, out_dir: Path, count: int, *, rank: i
             for p in lora_params:
                 p.copy_(torch.randn(p.shape, generator=generator) * std)
         folder = out_dir / f"adapter-{i}"
-        peft_model.save_pretrained(folder, safe_serialization=True)
+        # save_embedding_layers=False: no hub lookup of the base config (we are offline).
+        peft_model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
         (folder / "README.md").unlink(missing_ok=True)
         folders.append(folder)
     return folders

@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -206,7 +205,7 @@ async def main_async(args: argparse.Namespace) -> None:
         print()
         print_table(rows)
         print()
-        for d, g in zip(rows[::2], rows[1::2]):
+        for d, g in zip(rows[::2], rows[1::2], strict=False):
             print_ratios(d, g)
     finally:
         proc.send_signal(signal.SIGINT)

@@ -8,9 +8,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.errors import error_response, install_error_handlers
 from server.limits import BodyLimit
+from server.request_log import RequestObserver
 from server.routes import admin, openai
 from server.routes.openai import ClientGone
 from server.services import Services
@@ -39,6 +41,15 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(admin.router)
 
+    @app.get("/metrics", tags=["ops"])
+    async def metrics() -> Response:
+        return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/metrics/engine", tags=["ops"])
+    async def engine_metrics() -> Response:
+        """vLLM's own metrics, passed through (the engine itself listens on loopback only)."""
+        return Response(await services.engine.metrics(), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> Any:
         if not services.engine_ready:
@@ -48,4 +59,6 @@ def create_app(services: Services) -> FastAPI:
 
     app.add_middleware(BodyLimit, default_limit=services.settings.max_request_bytes,
                        upload_limit=services.settings.max_upload_bytes)
+    # Added last, so it is outermost: it sees every answer, 413s included.
+    app.add_middleware(RequestObserver, metrics=services.metrics)
     return app

@@ -49,7 +49,8 @@ Try it:
         | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
   curl -s {base}/v1/chat/completions -H "X-Tenant-ID: acme" -H "Authorization: Bearer $KEY" \\
        -H 'Content-Type: application/json' \\
-       -d '{{"model":"{settings.model_name}","messages":[{{"role":"user","content":"What is the capital of France?"}}]}}'
+       -d '{{"model":"{settings.model_name}",
+            "messages":[{{"role":"user","content":"What is the capital of France?"}}]}}'
 """)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                             timeout_graceful_shutdown=10, access_log=False)

@@ -23,11 +23,14 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 async def current_tenant(
+    request: Request,
     services: ServicesDep,
     x_tenant_id: Annotated[str | None, Header()] = None,
     authorization: Annotated[str | None, Header()] = None,
 ) -> str:
-    return await services.auth.tenant(x_tenant_id, authorization)
+    tenant = await services.auth.tenant(x_tenant_id, authorization)
+    request.state.record.tenant = tenant
+    return tenant
 
 
 def require_admin(services: ServicesDep,

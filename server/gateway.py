@@ -8,7 +8,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from adapters.residency import Residency
 from adapters.store import AdapterStore
 from server.engine.client import EngineClient
 from server.protocol import _GenerationRequest
+from server.request_log import RequestRecord
 
 # Resolution is cached briefly per gateway: admin changes made here clear it at once, changes
 # made by another gateway sharing the database show within this many seconds.
@@ -34,12 +36,15 @@ class Target:
 
     engine_name: str
     version: AdapterVersion | None
+    adapter: str | None = None  # adapter name (for labels and logs); None for the base model
 
 
 class Gateway:
     def __init__(self, registry: Registry, store: AdapterStore, residency: Residency,
-                 engine: EngineClient, base_model_name: str, salt_secret: bytes) -> None:
+                 engine: EngineClient, base_model_name: str, salt_secret: bytes,
+                 on_token_gap: Callable[[float], None] | None = None) -> None:
         self.registry = registry
+        self.on_token_gap = on_token_gap  # inter-token latency, for metrics
         self.store = store
         self.residency = residency
         self.engine = engine
@@ -67,7 +72,7 @@ class Gateway:
             raise NotFound(f"model {model!r} does not exist", param="model",
                            code="model_not_found") from exc
         version = await self.registry.resolve(tenant, ref)
-        target = Target(version.engine_name, version)
+        target = Target(version.engine_name, version, ref.adapter)
         self._resolved[(tenant, model)] = target
         return target
 
@@ -77,30 +82,40 @@ class Gateway:
         key = target.version.store_key
 
         async def fetch() -> Path:
-            return await self.store.local_path(key)
+            return await self.store.checkout(key)
 
-        return self.residency.use(target.engine_name, fetch)
+        return self.residency.use(target.engine_name, fetch, lambda: self.store.release(key))
 
-    async def complete(self, tenant: str, path: str, req: _GenerationRequest) -> dict[str, Any]:
+    async def complete(self, tenant: str, path: str, req: _GenerationRequest,
+                       record: RequestRecord) -> dict[str, Any]:
         target = await self.resolve(tenant, req.model)
+        _describe(record, req, target)
         async with self._hold(target):
             answer = await self.engine.post_json(
                 path, req.engine_body(target.engine_name, self.cache_salt(tenant)))
         answer["model"] = req.model
+        _count_usage(record, answer.get("usage"))
         return answer
 
-    async def stream(self, tenant: str, path: str, req: _GenerationRequest) -> AsyncIterator[bytes]:
+    async def stream(self, tenant: str, path: str, req: _GenerationRequest,
+                     record: RequestRecord) -> AsyncIterator[bytes]:
         """Server-sent events, as the engine sends them but naming the tenant's model.
 
         Errors before the first event (unknown model, engine refusal) are raised when the
-        caller primes the generator, so they become proper HTTP errors.
+        caller primes the generator, so they become proper HTTP errors. Usage is always asked
+        of the engine (for accounting) and passed on only if the client asked for it.
         """
+        started = time.perf_counter()
         target = await self.resolve(tenant, req.model)
+        _describe(record, req, target)
         body = req.engine_body(target.engine_name, self.cache_salt(tenant))
+        client_wants_usage = bool(req.stream_options and req.stream_options.include_usage)
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         # Inside a JSON document an unescaped `"model":"<name>"` can only be the field itself,
         # so a byte replace is exact and cheaper than parsing every chunk.
         needle = f'"model":{json.dumps(target.engine_name)}'
         replacement = f'"model":{json.dumps(req.model)}'
+        last_token_at: float | None = None
         async with self._hold(target), self.engine.stream_lines(path, body) as lines:
             yield b""  # primed: the engine accepted the request
             event: list[str] = []
@@ -108,9 +123,22 @@ class Gateway:
                 if line:
                     event.append(line.replace(needle, replacement, 1))
                     continue
-                if event:
-                    yield ("\n".join(event) + "\n\n").encode()
-                    event = []
+                if not event:
+                    continue
+                text = "\n".join(event)
+                event = []
+                if _USAGE_ONLY in text:
+                    _count_usage(record, json.loads(text[len("data: "):]).get("usage"))
+                    if not client_wants_usage:
+                        continue
+                elif _CHOICES in text and _ROLE_ONLY not in text:
+                    now = time.perf_counter()
+                    if last_token_at is None:
+                        record.ttft_s = now - started
+                    elif self.on_token_gap is not None:
+                        self.on_token_gap(now - last_token_at)
+                    last_token_at = now
+                yield (text + "\n\n").encode()
             if event:
                 yield ("\n".join(event) + "\n\n").encode()
 
@@ -129,6 +157,24 @@ class Gateway:
                       "root": self.base_model_name, "parent": self.base_model_name}
                      for i in ids]
         return data
+
+
+# Byte patterns of vLLM's compact JSON chunks (pydantic model_dump_json, no spaces).
+_USAGE_ONLY = '"choices":[],'
+_CHOICES = '"choices":[{'
+_ROLE_ONLY = '"delta":{"role":"assistant","content":""}'
+
+
+def _describe(record: RequestRecord, req: _GenerationRequest, target: Target) -> None:
+    record.model = req.model
+    record.stream = req.stream
+    record.adapter = target.adapter
+
+
+def _count_usage(record: RequestRecord, usage: dict[str, Any] | None) -> None:
+    if usage:
+        record.prompt_tokens = usage.get("prompt_tokens")
+        record.completion_tokens = usage.get("completion_tokens")
 
 
 class _nothing:

@@ -13,14 +13,17 @@ from pathlib import Path
 import httpx
 
 from adapters.base_model import BaseModelInfo, ensure_default_model
+from adapters.disk_cache import DiskCache
 from adapters.registry import Registry
 from adapters.residency import Residency
+from adapters.s3_store import S3Store, parse_s3_uri
 from adapters.store import AdapterStore, LocalStore
 from adapters.validation import AdapterLimits
 from server.auth import TenantAuth
 from server.engine.client import EngineClient
 from server.engine.process import EngineProcess
 from server.gateway import Gateway
+from server.metrics import Metrics
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,21 @@ def read_or_create_secret(path: Path, make: str) -> str:
     return make
 
 
+def build_store(settings: Settings, metrics: Metrics) -> tuple[AdapterStore, str]:
+    """The adapter store the settings name, and its `source` label ("s3" or "local")."""
+    if not settings.uses_s3:
+        return LocalStore(settings.store_dir), "local"
+    assert settings.store is not None
+    bucket, prefix = parse_s3_uri(settings.store)
+    cache = DiskCache(settings.cache_dir, settings.cache_max_bytes,
+                      on_fetched=metrics.adapter_load_seconds.labels("disk", "s3").observe)
+    store = S3Store(bucket, prefix, cache, endpoint_url=settings.s3_endpoint_url,
+                    region=settings.s3_region, connect_timeout_s=settings.s3_connect_timeout_s,
+                    read_timeout_s=settings.s3_read_timeout_s,
+                    max_attempts=settings.s3_max_attempts)
+    return store, "s3"
+
+
 def resolve_model_path(settings: Settings) -> Path:
     return settings.model_path or ensure_default_model(settings.models_dir)
 
@@ -57,6 +75,7 @@ class Services:
     auth: TenantAuth
     admin_token: str
     limits: AdapterLimits
+    metrics: Metrics
     engine_process: EngineProcess | None = None
     engine_ready: bool = False
     engine_ready_event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -69,30 +88,43 @@ class Services:
         settings.home.mkdir(parents=True, exist_ok=True)
         model_path = model_path or resolve_model_path(settings)
         registry = Registry(settings.registry_url)
-        store = LocalStore(settings.store_dir)
+        metrics = Metrics()
         process = None
         engine_url = settings.engine_url
         if engine_url is None:
             process = EngineProcess(settings, model_path, settings.home / "logs" / "engine.log")
             engine_url = process.url
         engine = EngineClient(engine_url, settings.engine_request_timeout_s, engine_transport)
-        residency = Residency(engine, settings.max_resident_adapters, settings.adapter_slot_wait_s)
+        store, source = build_store(settings, metrics)
+
+        def on_residency_event(event: str, _name: str, seconds: float) -> None:
+            if event == "load":
+                metrics.adapter_load_seconds.labels("engine", source).observe(seconds)
+
+        residency = Residency(engine, settings.max_resident_adapters, settings.adapter_slot_wait_s,
+                              on_event=on_residency_event)
+        tiers = {"engine": lambda: {**vars(residency.stats), "resident": len(residency)}}
+        if isinstance(store, S3Store):
+            tiers["disk"] = lambda: vars(store.cache.stats)
+        metrics.watch_adapter_tiers(source, tiers)
+        metrics.slot_waiting.set_function(lambda: residency.waiting)
         salt = read_or_create_secret(settings.home / "secret", secrets.token_hex(32))
         admin_token = settings.admin_token or read_or_create_secret(
             settings.home / "admin_token", "lpx-admin-" + secrets.token_urlsafe(24))
-        gateway = Gateway(registry, store, residency, engine, settings.model_name, salt.encode())
+        gateway = Gateway(registry, store, residency, engine, settings.model_name, salt.encode(),
+                          on_token_gap=metrics.itl.observe)
         return cls(settings=settings, registry=registry, store=store,
                    base_info=BaseModelInfo.from_folder(model_path), engine=engine,
                    residency=residency, gateway=gateway, auth=TenantAuth(registry),
                    admin_token=admin_token,
                    limits=AdapterLimits(settings.max_lora_rank, settings.max_adapter_bytes),
-                   engine_process=process)
+                   metrics=metrics, engine_process=process)
 
     async def start(self) -> None:
         await self.registry.create_schema()
         if self.engine_process is not None:
-            restarted = asyncio.Event()
-            self._tasks.append(asyncio.create_task(self.engine_process.supervise(restarted)))
+            self._tasks.append(asyncio.create_task(
+                self.engine_process.supervise(on_restart=self.metrics.engine_restarts.inc)))
         self._tasks.append(asyncio.create_task(self._watch_engine()))
 
     async def stop(self) -> None:
@@ -122,6 +154,7 @@ class Services:
                 log.warning("engine is down")
                 self.engine_ready_event.clear()
             self.engine_ready = healthy
+            self.metrics.engine_up.set(1 if healthy else 0)
             if healthy:
                 self.engine_ready_event.set()
             await asyncio.sleep(HEALTH_POLL_S)

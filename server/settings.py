@@ -7,9 +7,13 @@ first request.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from adapters.errors import InvalidInput
+from adapters.s3_store import parse_s3_uri
 
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # vLLM only accepts these values for --max-lora-rank.
@@ -70,6 +74,30 @@ class Settings(BaseSettings):
     local_source_allowlist: list[Path] = Field(default_factory=list)
     """Folders the admin API may register adapters from by local path (empty: none)."""
 
+    store: str | None = None
+    """Where adapter versions live: `s3://bucket/prefix`, or a local folder (default: home/store)."""
+    s3_endpoint_url: str | None = None
+    """S3 endpoint for MinIO or a local S3; unset: AWS. Credentials: the standard AWS chain."""
+    s3_region: str | None = None
+    """S3 region; unset: the standard AWS configuration (AWS_DEFAULT_REGION, ...)."""
+    s3_source_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Comma-separated `s3://bucket/prefix` that registration may copy adapters from."""
+    s3_connect_timeout_s: float = Field(default=3.0, gt=0)
+    """Connect timeout of one S3 call."""
+    s3_read_timeout_s: float = Field(default=20.0, gt=0)
+    """Read timeout of one S3 call."""
+    s3_max_attempts: int = Field(default=3, ge=1, le=10)
+    """Attempts per S3 call (botocore standard retries)."""
+    cache_max_bytes: int = Field(default=10 * 1024**3, ge=1024 * 1024)
+    """Bound of the local disk cache of adapters fetched from S3 (LRU beyond it)."""
+
+    @field_validator("s3_source_allowlist", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
     @model_validator(mode="after")
     def _check_bounds(self) -> Settings:
         if self.max_resident_adapters < self.max_loras:
@@ -79,6 +107,11 @@ class Settings(BaseSettings):
             )
         if self.max_lora_rank not in VLLM_LORA_RANKS:
             raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS}")
+        for uri in [*self.s3_source_allowlist, *([self.store] if self.uses_s3 else [])]:
+            try:
+                parse_s3_uri(uri)
+            except InvalidInput as exc:
+                raise ValueError(exc.message) from exc
         return self
 
     @property
@@ -87,7 +120,18 @@ class Settings(BaseSettings):
 
     @property
     def store_dir(self) -> Path:
+        """The local store folder (when the store is not S3)."""
+        if self.store and not self.store.startswith("s3://"):
+            return Path(self.store)
         return self.home / "store"
+
+    @property
+    def uses_s3(self) -> bool:
+        return bool(self.store and self.store.startswith("s3://"))
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
 
     @property
     def models_dir(self) -> Path:

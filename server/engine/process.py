@@ -16,6 +16,7 @@ import shlex
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from server.settings import Settings
@@ -95,7 +96,7 @@ class EngineProcess:
             logfile.close()
         log.info("engine started (pid %s) on %s, log %s", self._proc.pid, self.url, self.log_path)
 
-    async def supervise(self, on_exit: asyncio.Event) -> None:
+    async def supervise(self, on_restart: Callable[[], None] = lambda: None) -> None:
         """Restart the engine whenever it exits, with a growing pause, until `stop`."""
         backoff = 2.0
         while not self._stopping:
@@ -105,8 +106,8 @@ class EngineProcess:
             code = await self._proc.wait()
             if self._stopping:
                 return
-            on_exit.set()
             self.restarts += 1
+            on_restart()
             log.error("engine exited with %s; restarting in %.0fs (see %s)", code, backoff,
                       self.log_path)
             await asyncio.sleep(backoff)

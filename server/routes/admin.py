@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import secrets
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,6 +17,7 @@ from starlette.datastructures import UploadFile
 from adapters.errors import AdapterInvalid, Forbidden, InvalidInput
 from adapters.registration import register_version
 from adapters.registry import Adapter, AdapterVersion, ApiKey, DeletedVersions, Tenant
+from adapters.s3_store import S3Store
 from adapters.validation import (
     ADAPTER_FILES,
     IGNORED_FILES,
@@ -178,6 +179,9 @@ async def engine_status(services: ServicesDep) -> dict[str, Any]:
         "spawned": process is not None,
         "restarts": process.restarts if process else None,
         "adapters": services.residency.snapshot(),
+        "store": services.store.description,
+        "disk_cache": (services.store.cache.snapshot()
+                       if isinstance(services.store, S3Store) else None),
     }
 
 
@@ -188,7 +192,7 @@ def _retire(services: Services, deleted: DeletedVersions) -> None:
     services.gateway.forget_resolutions()
 
     async def retire() -> None:
-        for engine_name, key in zip(deleted.engine_names, deleted.store_keys):
+        for engine_name, key in zip(deleted.engine_names, deleted.store_keys, strict=True):
             await services.residency.retire(engine_name)
             await services.store.delete(key)
 
@@ -236,8 +240,13 @@ def _save_upload(upload: UploadFile, target: Path) -> None:
 
 async def _copy_from_source(services: Services, body: VersionSource, folder: Path) -> str:
     if body.source is not None:
-        raise InvalidInput("registration from a remote source needs an S3 store "
-                           "(LORAPLEX_STORE=s3://...)", param="source", code="unsupported_source")
+        if not isinstance(services.store, S3Store):
+            raise InvalidInput("registration from s3:// needs an S3 store (LORAPLEX_STORE=s3://...)",
+                               param="source", code="unsupported_source")
+        await services.store.download_source(body.source, folder,
+                                              services.settings.s3_source_allowlist,
+                                              max_bytes=services.settings.max_adapter_bytes)
+        return body.source
     if body.path is None:
         raise InvalidInput("send the adapter files as multipart/form-data, or JSON with "
                            "'path' (a local folder)", param="path")

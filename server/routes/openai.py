@@ -48,12 +48,14 @@ async def _generate(request: Request, services: Services, tenant: str, path: str
     if not services.engine_ready:
         raise Unavailable("the inference engine is not ready", code="engine_unavailable",
                           retry_after_s=5)
+    record = request.state.record
     if req.stream:
-        events = services.gateway.stream(tenant, path, req)
+        events = services.gateway.stream(tenant, path, req, record)
         await anext(events)  # errors before the first event become HTTP errors here
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-    answer = await _cancel_on_disconnect(request, services.gateway.complete(tenant, path, req))
+    answer = await _cancel_on_disconnect(request,
+                                         services.gateway.complete(tenant, path, req, record))
     return JSONResponse(answer)
 
 

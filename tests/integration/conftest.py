@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,10 +80,9 @@ def _wait_healthy(server: Server, timeout_s: float) -> None:
     raise RuntimeError(f"loraplex up did not become healthy:\n{tail}")
 
 
-@pytest.fixture(scope="session")
-def server(base_model: Path, adapter_dirs: list[Path],
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    home = tmp_path_factory.mktemp("home")
+@contextmanager
+def running_server(base_model: Path, home: Path, **env_overrides: str) -> Iterator[Server]:
+    """`loraplex up` as a user runs it, on a free port; Ctrl-C (and a check) when done."""
     port = free_port()
     env = dict(os.environ)
     env.update({
@@ -93,7 +93,7 @@ def server(base_model: Path, adapter_dirs: list[Path],
         "LORAPLEX_MAX_LORAS": "2",
         "LORAPLEX_MAX_RESIDENT_ADAPTERS": str(RESIDENT_SLOTS),
         "LORAPLEX_MAX_LORA_RANK": "16",
-        "LORAPLEX_LOCAL_SOURCE_ALLOWLIST": json.dumps([str(adapter_dirs[0].parent)]),
+        **env_overrides,
     })
     log = home / "gateway.log"
     with log.open("wb") as out:
@@ -105,6 +105,15 @@ def server(base_model: Path, adapter_dirs: list[Path],
         yield srv
     finally:
         _stop_and_check_no_orphans(proc)
+
+
+@pytest.fixture(scope="session")
+def server(base_model: Path, adapter_dirs: list[Path],
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    allow = json.dumps([str(adapter_dirs[0].parent)])
+    with running_server(base_model, tmp_path_factory.mktemp("home"),
+                        LORAPLEX_LOCAL_SOURCE_ALLOWLIST=allow) as srv:
+        yield srv
 
 
 def _stop_and_check_no_orphans(proc: subprocess.Popen[bytes]) -> None:

@@ -130,7 +130,7 @@ def test_more_adapters_than_slots_all_succeed_and_evict(server: Server,
                                                          adapter_dirs: list[Path]) -> None:
     t = make_tenant(server, "churn")
     names = [f"a{i}" for i in range(RESIDENT_SLOTS + 2)]
-    for name, folder in zip(names, adapter_dirs[2:]):
+    for name, folder in zip(names, adapter_dirs[2:], strict=False):
         upload_adapter(server, "churn", name, folder)
     with server.admin() as c:
         before = c.get("/admin/engine").json()["adapters"]["stats"]

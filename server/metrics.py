@@ -1,0 +1,105 @@
+"""Prometheus metrics of the gateway (one registry per app, so tests and apps do not collide).
+
+Label cardinality is bounded: `tenant` takes only admin-created tenant ids, and the
+(`tenant`, `adapter`) pairs a gateway reports are capped at `max_label_pairs`; past the cap
+new pairs are reported as adapter="other". `adapter` is the adapter name (never the version,
+alias or engine name) or "base". `endpoint` and `status` come from fixed small sets.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+BASE_LABEL = "base"
+OTHER_LABEL = "other"
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.5, 3, 6, 12, 30)
+_ITL_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2)
+_LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self, max_label_pairs: int = 2000) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self._pairs: set[tuple[str, str]] = set()
+        self._max_pairs = max_label_pairs
+        self._lock = threading.Lock()
+
+        self.requests = Counter("loraplex_requests", "Tenant API requests by outcome",
+                                ["tenant", "adapter", "endpoint", "status"], registry=r)
+        self.latency = Histogram("loraplex_request_duration_seconds",
+                                 "Time from request to the last byte of the answer",
+                                 ["endpoint", "stream"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("loraplex_time_to_first_token_seconds",
+                              "Time from request to the first generated text (streaming)",
+                              ["tenant"], buckets=_TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("loraplex_inter_token_latency_seconds",
+                             "Gap between consecutive streamed chunks",
+                             buckets=_ITL_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens (from usage)",
+                                     ["tenant", "adapter"], registry=r)
+        self.completion_tokens = Counter("loraplex_completion_tokens",
+                                         "Completion tokens (from usage)",
+                                         ["tenant", "adapter"], registry=r)
+        self.in_flight = Gauge("loraplex_requests_in_flight",
+                               "Tenant API requests being answered", registry=r)
+        self.adapter_load_seconds = Histogram(
+            "loraplex_adapter_load_seconds", "Time to load an adapter into a tier",
+            ["tier", "source"], buckets=_LOAD_BUCKETS, registry=r)
+        self.slot_waiting = Gauge("loraplex_adapter_slot_waiting",
+                                  "Requests waiting for an engine adapter slot", registry=r)
+        self.engine_up = Gauge("loraplex_engine_up", "1 when the engine answers its health check",
+                               registry=r)
+        self.engine_restarts = Counter("loraplex_engine_restarts",
+                                       "Times the supervised engine was restarted", registry=r)
+
+    def watch_adapter_tiers(self, source: str,
+                            tiers: dict[str, Callable[[], dict[str, int]]]) -> None:
+        """Report each tier's own counters (`stats` of Residency, DiskCache) at scrape time."""
+        self.registry.register(_AdapterTierCollector(source, tiers))
+
+    def pair(self, tenant: str, adapter: str) -> tuple[str, str]:
+        """Labels for a (tenant, adapter) pair, collapsing pairs past the cap to 'other'."""
+        key = (tenant, adapter)
+        with self._lock:
+            if key in self._pairs:
+                return key
+            if len(self._pairs) < self._max_pairs:
+                self._pairs.add(key)
+                return key
+        return tenant, OTHER_LABEL
+
+
+# Event counters each tier keeps, and the name they are reported under.
+_TIER_EVENTS = {"hits": "hit", "loads": "load", "misses": "miss", "fetches": "load",
+                "load_failures": "load_failure", "fetch_failures": "load_failure",
+                "evictions": "eviction"}
+
+
+class _AdapterTierCollector(Collector):
+    def __init__(self, source: str, tiers: dict[str, Callable[[], dict[str, int]]]) -> None:
+        self._source = source
+        self._tiers = tiers
+
+    def collect(self) -> Iterator[Metric]:
+        events = CounterMetricFamily(
+            "loraplex_adapter_cache_events",
+            "Adapter cache events per tier (engine, disk) and source (local, s3)",
+            labels=["tier", "event", "source"])
+        resident = GaugeMetricFamily("loraplex_resident_adapters", "Adapters held per tier",
+                                     labels=["tier"])
+        for tier, read in self._tiers.items():
+            stats = read()
+            for field, event in _TIER_EVENTS.items():
+                if field in stats:
+                    events.add_metric([tier, event, self._source], stats[field])
+            resident.add_metric([tier], stats.get("resident", stats.get("entries", 0)))
+        yield events
+        yield resident

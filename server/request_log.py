@@ -1,0 +1,91 @@
+"""One structured line and one set of metrics per request, written when the answer is done.
+
+An `X-Request-ID` is accepted (if it is short and plain) or generated, and returned. Handlers
+add what they learn (tenant, adapter, tokens, time to first token) to the request's
+`RequestRecord` (`request.state.record`). No prompt or completion text is ever logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from dataclasses import asdict, dataclass
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.metrics import BASE_LABEL, Metrics
+
+log = logging.getLogger("loraplex.access")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Tenant API endpoints measured in request metrics (fixed set: bounded `endpoint` label).
+TENANT_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
+                    "/v1/models": "models"}
+
+
+@dataclass
+class RequestRecord:
+    request_id: str
+    method: str
+    path: str
+    status: int = 0
+    tenant: str | None = None
+    model: str | None = None
+    adapter: str | None = None  # adapter name, or None for the base model
+    stream: bool = False
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    ttft_s: float | None = None
+    latency_s: float = 0.0
+
+
+class RequestObserver:
+    """ASGI middleware: request id, access log line, request metrics."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers", ())).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        record = RequestRecord(request_id, scope["method"], scope["path"])
+        scope.setdefault("state", {})["record"] = record
+        endpoint = TENANT_ENDPOINTS.get(scope["path"])
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+                message["headers"] = [*message.get("headers", []),
+                                      (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        if endpoint:
+            self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            record.latency_s = time.perf_counter() - started
+            if endpoint:
+                self.metrics.in_flight.dec()
+                self._observe(endpoint, record)
+            log.info(json.dumps({k: v for k, v in asdict(record).items() if v is not None}))
+
+    def _observe(self, endpoint: str, r: RequestRecord) -> None:
+        m = self.metrics
+        tenant = r.tenant or "unauthenticated"
+        tenant, adapter = m.pair(tenant, r.adapter or BASE_LABEL)
+        m.requests.labels(tenant, adapter, endpoint, str(r.status or 499)).inc()
+        m.latency.labels(endpoint, "true" if r.stream else "false").observe(r.latency_s)
+        if r.ttft_s is not None:
+            m.ttft.labels(tenant).observe(r.ttft_s)
+        if r.prompt_tokens:
+            m.prompt_tokens.labels(tenant, adapter).inc(r.prompt_tokens)
+        if r.completion_tokens:
+            m.completion_tokens.labels(tenant, adapter).inc(r.completion_tokens)
