@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from adapters.errors import Overloaded
+from adapters.errors import Conflict, Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ class Residency:
         self._on_event = on_event  # (event, engine_name, seconds) for metrics
         self.stats = ResidencyStats()
         self.waiting = 0  # requests waiting for a slot right now
+        self._pinned: set[str] = set()
 
     @asynccontextmanager
     async def use(self, engine_name: str, fetch: Callable[[], Awaitable[Path]],
@@ -175,8 +176,40 @@ class Residency:
             log.warning("unloading %s from the engine failed", slot.engine_name, exc_info=True)
         _release(slot)
 
+    async def pin(self, engine_name: str, fetch: Callable[[], Awaitable[Path]],
+                  release: Callable[[], None] = lambda: None) -> None:
+        """Load `engine_name` now and keep it resident until `unpin` (preloaded adapters).
+
+        At least one slot always stays unpinned, so every other adapter can still be served.
+        """
+        if engine_name in self._pinned:
+            return
+        if len(self._pinned) + 1 >= self.capacity:
+            raise Conflict(f"at most {self.capacity - 1} adapters can be pinned "
+                           f"({self.capacity} engine slots)", code="too_many_pinned")
+        self._pinned.add(engine_name)
+        try:
+            await self._acquire(engine_name, fetch, release)  # held until unpin
+        except BaseException:
+            self._pinned.discard(engine_name)
+            raise
+
+    async def unpin(self, engine_name: str) -> None:
+        if engine_name not in self._pinned:
+            return
+        self._pinned.discard(engine_name)
+        slot = self._slots.get(engine_name)
+        if slot is not None:
+            slot.users -= 1
+            async with self._changed:
+                self._changed.notify_all()
+
+    def is_pinned(self, engine_name: str) -> bool:
+        return engine_name in self._pinned
+
     async def retire(self, engine_name: str) -> None:
         """Unload an adapter that was deleted, once no request holds it."""
+        await self.unpin(engine_name)
         async with self._changed:
             slot = self._slots.get(engine_name)
             if slot is None:
@@ -193,7 +226,8 @@ class Residency:
         return len(self._slots)
 
     def forget_all(self) -> None:
-        """The engine restarted: nothing is loaded in it any more."""
+        """The engine restarted: nothing is loaded in it any more (pins included)."""
+        self._pinned.clear()
         for slot in self._slots.values():
             _release(slot)
         self._slots.clear()
@@ -204,7 +238,8 @@ class Residency:
             "capacity": self.capacity,
             "resident": [
                 {"engine_name": s.engine_name, "state": s.state.value, "in_flight": s.users,
-                 "idle_seconds": round(now - s.last_used, 3), "load_seconds": s.load_seconds}
+                 "idle_seconds": round(now - s.last_used, 3), "load_seconds": s.load_seconds,
+                 "pinned": s.engine_name in self._pinned}
                 for s in self._slots.values()
             ],
             "stats": vars(self.stats).copy(),

@@ -9,7 +9,7 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,15 +76,20 @@ class Gateway:
         self._resolved[(tenant, model)] = target
         return target
 
-    def _hold(self, target: Target):  # type: ignore[no-untyped-def]
-        if target.version is None:
-            return _nothing()
-        key = target.version.store_key
-
+    def _checkout(self, key: str) -> tuple[Callable[[], Awaitable[Path]], Callable[[], None]]:
         async def fetch() -> Path:
             return await self.store.checkout(key)
 
-        return self.residency.use(target.engine_name, fetch, lambda: self.store.release(key))
+        return fetch, lambda: self.store.release(key)
+
+    def _hold(self, target: Target):  # type: ignore[no-untyped-def]
+        if target.version is None:
+            return _nothing()
+        return self.residency.use(target.engine_name, *self._checkout(target.version.store_key))
+
+    async def pin(self, version: AdapterVersion) -> None:
+        """Load a version now and keep it resident (preloaded adapters)."""
+        await self.residency.pin(version.engine_name, *self._checkout(version.store_key))
 
     async def complete(self, tenant: str, path: str, req: _GenerationRequest,
                        record: RequestRecord) -> dict[str, Any]:

@@ -168,3 +168,9 @@ class Services:
         except Exception:  # noqa: BLE001 - best effort; slots are reclaimed by LRU anyway
             log.warning("could not clear adapters left in the engine", exc_info=True)
         log.info("engine is ready at %s", self.engine.base_url)
+        for version in await self.registry.pinned_versions():
+            try:
+                await self.gateway.pin(version)
+                log.info("preloaded pinned adapter %s", version.engine_name)
+            except Exception:  # noqa: BLE001 - one bad pin must not keep the others out
+                log.warning("could not preload %s", version.engine_name, exc_info=True)

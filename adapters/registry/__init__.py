@@ -216,6 +216,18 @@ class Registry:
             await s.delete(row)
             return _deleted([row])
 
+    async def set_pinned(self, tenant_id: str, name: str, version: int,
+                         pinned: bool) -> AdapterVersion:
+        async with self._tx() as s:
+            row = _version_of(await _adapter(s, tenant_id, name), version)
+            row.pinned = pinned
+            return row
+
+    async def pinned_versions(self) -> list[AdapterVersion]:
+        async with self._tx() as s:
+            return list((await s.scalars(
+                select(AdapterVersion).where(AdapterVersion.pinned.is_(True)))).all())
+
     async def set_alias(self, tenant_id: str, name: str, alias: str, version: int) -> Alias:
         check_alias(alias)
         async with self._tx() as s:

@@ -83,6 +83,8 @@ class AdapterVersion(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     source: Mapped[str] = mapped_column(String(1024))
     meta: Mapped[dict] = mapped_column(JSON, default=dict)
+    # Operational flag, not content: preload at engine start and keep resident.
+    pinned: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     adapter: Mapped[Adapter] = relationship(back_populates="versions")

@@ -151,6 +151,28 @@ async def delete_version(tenant: str, name: str, version: int,
     return {"id": f"{name}@{version}", "deleted": True}
 
 
+@router.put("/tenants/{tenant}/adapters/{name}/versions/{version}/pin")
+async def pin_version(tenant: str, name: str, version: int,
+                      services: ServicesDep) -> dict[str, Any]:
+    """Preload this version now and at every engine start, and keep it resident."""
+    row = await services.registry.set_pinned(tenant, name, version, True)
+    if services.engine_ready:
+        try:
+            await services.gateway.pin(row)
+        except BaseException:
+            await services.registry.set_pinned(tenant, name, version, False)
+            raise
+    return _version(row, tenant, name)
+
+
+@router.delete("/tenants/{tenant}/adapters/{name}/versions/{version}/pin")
+async def unpin_version(tenant: str, name: str, version: int,
+                        services: ServicesDep) -> dict[str, Any]:
+    row = await services.registry.set_pinned(tenant, name, version, False)
+    await services.residency.unpin(row.engine_name)
+    return _version(row, tenant, name)
+
+
 @router.put("/tenants/{tenant}/adapters/{name}/aliases/{alias}")
 async def set_alias(tenant: str, name: str, alias: str, request: Request,
                     services: ServicesDep) -> dict[str, Any]:
@@ -283,7 +305,8 @@ def _version(v: AdapterVersion, tenant: str, name: str) -> dict[str, Any]:
             "model": f"{name}@{v.version}", "engine_name": v.engine_name, "rank": v.rank,
             "alpha": v.alpha, "target_modules": v.target_modules, "base_model": v.base_model,
             "size_bytes": v.size_bytes, "sha256": v.sha256, "source": v.source,
-            "created_at": _ts(v.created_at), "warnings": (v.meta or {}).get("warnings", [])}
+            "pinned": v.pinned, "created_at": _ts(v.created_at),
+            "warnings": (v.meta or {}).get("warnings", [])}
 
 
 def _adapter(a: Adapter, tenant: str) -> dict[str, Any]:

@@ -241,3 +241,28 @@ def test_register_from_allowlisted_local_path(server: Server, adapter_dirs: list
 def _engine_adapters(server: Server) -> list[str]:
     data = httpx.get(f"{server.engine_url()}/v1/models").json()["data"]
     return [m["id"] for m in data if m.get("parent")]
+
+
+def test_pinned_adapter_is_preloaded_and_never_evicted(server: Server,
+                                                        adapter_dirs: list[Path]) -> None:
+    t = make_tenant(server, "pinner")
+    v = upload_adapter(server, "pinner", "vip", adapter_dirs[1])
+    with server.admin() as c:
+        r = c.put("/admin/tenants/pinner/adapters/vip/versions/1/pin")
+        assert r.status_code == 200 and r.json()["pinned"] is True, r.text
+    assert v["engine_name"] in _engine_adapters(server), "pinning loads it at once"
+    # Churn through more adapters than the one slot left unpinned.
+    for i, folder in enumerate(adapter_dirs[2:5]):
+        upload_adapter(server, "pinner", f"other{i}", folder)
+        greedy(t, f"other{i}", max_tokens=2)
+        assert v["engine_name"] in _engine_adapters(server)
+    with server.admin() as c:
+        # With two slots, a second pin would leave no slot for anything else.
+        upload_adapter(server, "pinner", "vip2", adapter_dirs[5])
+        r = c.put("/admin/tenants/pinner/adapters/vip2/versions/1/pin")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "too_many_pinned"
+        assert c.get("/admin/tenants/pinner/adapters/vip2").json()["versions"][0]["pinned"] is False
+        assert c.delete("/admin/tenants/pinner/adapters/vip/versions/1/pin").status_code == 200
+    for i in range(3):
+        greedy(t, f"other{i}", max_tokens=2)
+    assert v["engine_name"] not in _engine_adapters(server), "unpinned: LRU may evict it"
