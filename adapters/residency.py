@@ -79,6 +79,7 @@ class Residency:
         self.stats = ResidencyStats()
         self.waiting = 0  # requests waiting for a slot right now
         self._pinned: set[str] = set()
+        self._unloading: set[str] = set()  # evicted or retired, engine unload in flight
 
     @asynccontextmanager
     async def use(self, engine_name: str, fetch: Callable[[], Awaitable[Path]],
@@ -107,6 +108,10 @@ class Residency:
                         self._on_event("hit", engine_name, 0.0)
                     self._slots.move_to_end(engine_name)
                     break
+                if engine_name in self._unloading:
+                    # Its eviction is still going on in the engine: load it again after.
+                    await self._changed.wait()
+                    continue
                 victim = None
                 if len(self._slots) >= self.capacity:
                     victim = next((s for s in self._slots.values()
@@ -119,12 +124,13 @@ class Residency:
                                 code="adapter_slots_busy", retry_after_s=1)
                         self.waiting += 1
                         try:
-                            with suppress(TimeoutError):
+                            with suppress(asyncio.TimeoutError):
                                 await asyncio.wait_for(self._changed.wait(), remaining)
                         finally:
                             self.waiting -= 1
                         continue
                     del self._slots[victim.engine_name]
+                    self._unloading.add(victim.engine_name)
                 slot = _Slot(engine_name, users=1)
                 self._slots[engine_name] = slot
                 # Only this caller loads; the others wait on `slot.loaded` below.
@@ -169,12 +175,17 @@ class Residency:
             self._changed.notify_all()
 
     async def _unload(self, slot: _Slot) -> None:
+        """Unload a slot already taken out of `_slots` (and put in `_unloading`)."""
         try:
             await self._loader.unload_adapter(slot.engine_name)
             self.stats.unloads += 1
         except Exception:  # the engine may have restarted and forgotten it  # noqa: BLE001
             log.warning("unloading %s from the engine failed", slot.engine_name, exc_info=True)
-        _release(slot)
+        finally:
+            _release(slot)
+            async with self._changed:
+                self._unloading.discard(slot.engine_name)
+                self._changed.notify_all()
 
     async def pin(self, engine_name: str, fetch: Callable[[], Awaitable[Path]],
                   release: Callable[[], None] = lambda: None) -> None:
@@ -218,9 +229,11 @@ class Residency:
             if self._slots.get(engine_name) is not slot:
                 return
             del self._slots[engine_name]
-            self._changed.notify_all()
-        if slot.state is SlotState.READY:
-            await self._unload(slot)
+            if slot.state is not SlotState.READY:
+                self._changed.notify_all()
+                return
+            self._unloading.add(engine_name)
+        await self._unload(slot)
 
     def __len__(self) -> int:
         return len(self._slots)

@@ -125,7 +125,11 @@ def _check_config(config: dict[str, Any], base: BaseModelInfo, limits: AdapterLi
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         problems.append(f"r must be a positive integer, got {rank!r}")
         rank = 0
-    ranks = [rank, *(config.get("rank_pattern") or {}).values()]
+    rank_pattern = config.get("rank_pattern") or {}
+    if not isinstance(rank_pattern, dict):
+        problems.append("rank_pattern must be an object of module pattern -> rank")
+        rank_pattern = {}
+    ranks = [rank, *rank_pattern.values()]
     if any(isinstance(r, int) and r > limits.max_rank for r in ranks):
         problems.append(f"rank {max(r for r in ranks if isinstance(r, int))} is over the "
                         f"server's max_lora_rank {limits.max_rank}")
@@ -153,10 +157,14 @@ def _check_config(config: dict[str, Any], base: BaseModelInfo, limits: AdapterLi
     targets = config.get("target_modules")
     suffixes = base.module_suffixes()
     if isinstance(targets, str):
-        pattern = targets
-        matched = [m for m in base.linear_shapes if re.fullmatch(pattern, m)]
+        try:
+            pattern = re.compile(targets)
+        except re.error as exc:
+            problems.append(f"target_modules {targets!r} is not a valid regular expression: {exc}")
+            return rank, float(alpha), []
+        matched = [m for m in base.linear_shapes if pattern.fullmatch(m)]
         if not matched:
-            problems.append(f"target_modules pattern {pattern!r} matches no module of the base "
+            problems.append(f"target_modules pattern {targets!r} matches no module of the base "
                             "model")
         target_list = sorted({m.rsplit(".", 1)[-1] for m in matched})
     elif isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):

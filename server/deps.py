@@ -47,7 +47,7 @@ async def parse_json(request: Request, model: type[M]) -> M:
     raw = await request.body()
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidInput(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
     if not isinstance(data, dict):
         raise InvalidInput("request body must be a JSON object", code="invalid_json")

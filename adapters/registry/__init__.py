@@ -74,6 +74,10 @@ class Registry:
         async with self._sessions() as session, session.begin():
             yield session
 
+    def transaction(self):  # type: ignore[no-untyped-def]
+        """One transaction, for repositories that share this database (training jobs)."""
+        return self._tx()
+
     # -- tenants ---------------------------------------------------------------------------
 
     async def create_tenant(self, tenant_id: str) -> Tenant:
@@ -147,6 +151,13 @@ class Registry:
         so a version number never names two different sets of weights.
         """
         check_name(name, "adapter")
+        try:
+            return await self._reserve_version(tenant_id, name)
+        except IntegrityError:
+            # A concurrent first registration created the adapter row: use it.
+            return await self._reserve_version(tenant_id, name)
+
+    async def _reserve_version(self, tenant_id: str, name: str) -> tuple[int, bool]:
         async with self._tx() as s:
             await _tenant(s, tenant_id)
             adapter = await _adapter_or_none(s, tenant_id, name)
@@ -230,6 +241,12 @@ class Registry:
 
     async def set_alias(self, tenant_id: str, name: str, alias: str, version: int) -> Alias:
         check_alias(alias)
+        try:
+            return await self._set_alias(tenant_id, name, alias, version)
+        except IntegrityError:  # a concurrent first set of the same alias: update it
+            return await self._set_alias(tenant_id, name, alias, version)
+
+    async def _set_alias(self, tenant_id: str, name: str, alias: str, version: int) -> Alias:
         async with self._tx() as s:
             adapter = await _adapter(s, tenant_id, name)
             _version_of(adapter, version)

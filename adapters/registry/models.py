@@ -100,3 +100,69 @@ class Alias(Base):
     version: Mapped[int] = mapped_column()
 
     adapter: Mapped[Adapter] = relationship(back_populates="aliases")
+
+
+class TrainingFile(Base):
+    """An uploaded dataset (OpenAI `file` object, purpose fine-tune), kept in the data folder."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    filename: Mapped[str] = mapped_column(String(256))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column()
+    path: Mapped[str] = mapped_column(String(1024))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class FineTuneJob(Base):
+    """A fine-tuning job. Workers claim it with a lease they must keep renewing."""
+
+    __tablename__ = "fine_tuning_jobs"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    model: Mapped[str] = mapped_column(String(256))
+    training_file: Mapped[str] = mapped_column(String(40))
+    validation_file: Mapped[str | None] = mapped_column(String(40), default=None)
+    adapter_name: Mapped[str] = mapped_column(String(64))
+    suffix: Mapped[str | None] = mapped_column(String(64), default=None)
+    hyperparameters: Mapped[dict] = mapped_column(JSON, default=dict)
+    lora: Mapped[dict] = mapped_column(JSON, default=dict)
+    seed: Mapped[int] = mapped_column(default=42)
+    status: Mapped[str] = mapped_column(String(32), index=True)
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(200), default=None)
+    error: Mapped[dict | None] = mapped_column(JSON, default=None)
+    result: Mapped[dict] = mapped_column(JSON, default=dict)
+    trained_tokens: Mapped[int | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    worker_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    attempts: Mapped[int] = mapped_column(default=0)
+
+
+class JobEvent(Base):
+    __tablename__ = "fine_tuning_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(
+        ForeignKey("fine_tuning_jobs.id", ondelete="CASCADE"), index=True)
+    level: Mapped[str] = mapped_column(String(16), default="info")
+    type: Mapped[str] = mapped_column(String(16), default="message")
+    message: Mapped[str] = mapped_column(String(2000))
+    data: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class JobCheckpoint(Base):
+    __tablename__ = "fine_tuning_checkpoints"
+    __table_args__ = (UniqueConstraint("job_id", "step"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(
+        ForeignKey("fine_tuning_jobs.id", ondelete="CASCADE"), index=True)
+    step: Mapped[int] = mapped_column()
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

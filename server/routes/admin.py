@@ -283,6 +283,9 @@ async def _copy_from_source(services: Services, body: VersionSource, folder: Pat
              if p.name in ADAPTER_FILES or (p.name.startswith("adapter_model")
                                             and p.name.endswith(PICKLE_SUFFIXES))]
     problems = check_file_names(names)
+    # A symlinked file could pull in a file from outside the allow-listed folder.
+    problems += [f"{n} is a symbolic link; copy the file itself" for n in names
+                 if (path / n).is_symlink()]
     if problems:
         raise AdapterInvalid(problems)
     for name in ADAPTER_FILES:

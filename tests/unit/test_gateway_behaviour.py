@@ -1,0 +1,448 @@
+"""What the gateway does with good requests, checked against the fake engine's records."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from adapters.registry import hash_key
+
+BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def sse_events(text: str) -> list[str]:
+    """The `data:` payloads of a server-sent event stream, in order."""
+    events = []
+    for block in text.split("\n\n"):
+        lines = [line for line in block.split("\n") if line]
+        if not lines:
+            continue
+        assert all(line.startswith("data: ") for line in lines), block
+        events.append("\n".join(line[len("data: "):] for line in lines))
+    return events
+
+
+async def _stream(gw, tenant, key, path, body):
+    async with gw.client.stream("POST", path, json=body,
+                                headers=gw.headers(tenant, key)) as resp:
+        text = (await resp.aread()).decode()
+    return resp, text
+
+
+# -- the model name in and out -------------------------------------------------------------------
+
+async def test_answer_names_the_tenants_model_engine_gets_immutable_name(gw, make_adapter):
+    key = await gw.new_tenant("acme")
+    version = await gw.register("acme", "support", make_adapter())
+    engine_name = version["engine_name"]
+    assert "acme" in engine_name and "support" in engine_name and "@1" in engine_name
+
+    resp = await gw.chat("acme", key, "support")
+    assert resp.status_code == 200, resp.text
+    answer = resp.json()
+    assert answer["model"] == "support"
+    assert answer["choices"][0]["message"]["content"] == "Paris."
+    assert engine_name not in resp.text
+    assert gw.engine.requests[-1]["path"] == "/v1/chat/completions"
+    assert gw.engine.bodies[-1]["model"] == engine_name
+    # The engine was given the stored folder of this very version.
+    load = gw.engine.load_calls[-1]
+    assert load["lora_name"] == engine_name
+    assert load["lora_path"].startswith(str(gw.settings.store_dir))
+
+    resp = await gw.client.post("/v1/completions", json={"model": "support@1", "prompt": "Hi"},
+                                headers=gw.headers("acme", key))
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["model"] == "support@1"
+    assert gw.engine.requests[-1]["path"] == "/v1/completions"
+    assert gw.engine.bodies[-1]["model"] == engine_name
+    assert len(gw.engine.load_calls) == 1  # resident: not loaded twice
+
+
+async def test_base_model_passes_through(gw):
+    key = await gw.new_tenant("acme")
+    resp = await gw.chat("acme", key, BASE)
+    assert resp.status_code == 200 and resp.json()["model"] == BASE
+    assert gw.engine.bodies[-1]["model"] == BASE
+    assert gw.engine.load_calls == []
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+async def test_stream_names_the_tenants_model(gw, make_adapter, path):
+    key = await gw.new_tenant("acme")
+    version = await gw.register("acme", "support", make_adapter())
+    body = {"model": "support", "stream": True, "stream_options": {"include_usage": True}}
+    if path.endswith("chat/completions"):
+        body["messages"] = [{"role": "user", "content": "Capital of France?"}]
+    else:
+        body["prompt"] = "The capital of France is"
+    resp, text = await _stream(gw, "acme", key, path, body)
+    assert resp.status_code == 200, text
+    assert resp.headers["content-type"].startswith("text/event-stream")
+    assert version["engine_name"] not in text
+    events = sse_events(text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert len(chunks) == 4
+    assert all(c["model"] == "support" for c in chunks)
+    assert chunks[-1]["usage"]["total_tokens"] == 8
+    sent = gw.engine.bodies[-1]
+    assert sent["model"] == version["engine_name"] and sent["stream"] is True
+    assert sent["stream_options"] == {"include_usage": True}
+
+
+async def test_stream_without_usage_and_on_base_model(gw):
+    key = await gw.new_tenant("acme")
+    body = {"model": BASE, "stream": True,
+            "messages": [{"role": "user", "content": "Capital of France?"}]}
+    resp, text = await _stream(gw, "acme", key, "/v1/chat/completions", body)
+    assert resp.status_code == 200
+    events = sse_events(text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert [c["choices"][0]["delta"]["content"] for c in chunks] == ["Par", "is", "."]
+    assert all(c["model"] == BASE for c in chunks)
+    assert all("usage" not in c for c in chunks)  # not asked for: not sent
+
+
+async def test_stream_for_unknown_model_is_a_plain_404(gw):
+    key = await gw.new_tenant("acme")
+    body = {"model": "nope", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    resp, _text = await _stream(gw, "acme", key, "/v1/chat/completions", body)
+    assert resp.status_code == 404
+    gw.expect_error(resp, 404, code="model_not_found")
+
+
+# -- what is forwarded ---------------------------------------------------------------------------
+
+async def test_cache_salt_is_per_tenant_and_client_salt_is_replaced(gw, make_adapter):
+    key_a = await gw.new_tenant("tenant-a")
+    key_b = await gw.new_tenant("tenant-b")
+    await gw.register("tenant-a", "support", make_adapter())
+    await gw.chat("tenant-a", key_a, BASE)
+    await gw.chat("tenant-a", key_a, "support", cache_salt="chosen-by-client")
+    await gw.chat("tenant-b", key_b, BASE)
+    await gw.chat("tenant-b", key_b, BASE, cache_salt="chosen-by-client")
+    await gw.client.post("/v1/completions", json={"model": BASE, "prompt": "x",
+                                                  "cache_salt": "x"},
+                         headers=gw.headers("tenant-a", key_a))
+    salts = [b["cache_salt"] for b in gw.engine.bodies]
+    assert len(gw.engine.bodies) == 5
+    a1, a2, b1, b2, a3 = salts
+    assert a1 == a2 == a3
+    assert b1 == b2
+    assert a1 != b1
+    assert "chosen-by-client" not in salts and "x" not in salts
+    assert all(isinstance(s, str) and len(s) >= 32 for s in salts)
+    assert "tenant-a" not in a1 and "tenant-b" not in b1
+
+
+async def test_engine_only_fields_are_stripped_others_pass(gw):
+    key = await gw.new_tenant("acme")
+    engine_only = {
+        "kv_transfer_params": {"do_remote_prefill": True}, "vllm_xargs": {"x": 1},
+        "priority": -100, "request_id": "steal-me", "lora_request": {"lora_name": "other"},
+        "chat_template": "{{ evil }}", "session_id": "s", "mm_processor_kwargs": {},
+    }
+    passed = {"seed": 7, "top_k": 3, "logprobs": True, "max_tokens": 5, "temperature": 0.5,
+              "user": "u1"}
+    resp = await gw.chat("acme", key, BASE, **engine_only, **passed)
+    assert resp.status_code == 200, resp.text
+    sent = gw.engine.bodies[-1]
+    for name in engine_only:
+        assert name not in sent, name
+    for name, value in passed.items():
+        assert sent[name] == value, name
+    assert sent["messages"] == [{"role": "user", "content": "Capital of France?"}]
+    assert set(sent) == {"model", "messages", "cache_salt", *passed}
+
+
+async def test_unset_fields_are_not_invented(gw):
+    key = await gw.new_tenant("acme")
+    await gw.client.post("/v1/completions", json={"model": BASE, "prompt": [1, 2, 3]},
+                         headers=gw.headers("acme", key))
+    assert gw.engine.bodies[-1] == {"model": BASE, "prompt": [1, 2, 3],
+                                    "cache_salt": gw.engine.bodies[-1]["cache_salt"]}
+
+
+# -- names, versions and aliases -----------------------------------------------------------------
+
+async def test_name_version_and_alias_resolve(gw, make_adapter):
+    key = await gw.new_tenant("acme")
+    v1 = await gw.register("acme", "support", make_adapter(seed=1))
+    v2 = await gw.register("acme", "support", make_adapter(seed=2))
+    assert (v1["version"], v2["version"]) == (1, 2)
+    assert v1["sha256"] != v2["sha256"]
+    resp = await gw.admin("PUT", "/admin/tenants/acme/adapters/support/aliases/stable",
+                          json={"version": 1})
+    assert resp.json() == {"adapter": "support", "alias": "stable", "version": 1}
+
+    expected = {"support": v2, "support@1": v1, "support@2": v2, "support@stable": v1}
+    for model, version in expected.items():
+        resp = await gw.chat("acme", key, model)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["model"] == model
+        assert gw.engine.bodies[-1]["model"] == version["engine_name"], model
+
+    # Moving the alias takes effect at once (no stale cached resolution).
+    await gw.admin("PUT", "/admin/tenants/acme/adapters/support/aliases/stable",
+                   json={"version": 2})
+    await gw.chat("acme", key, "support@stable")
+    assert gw.engine.bodies[-1]["model"] == v2["engine_name"]
+    # Deleting it too.
+    resp = await gw.admin("DELETE", "/admin/tenants/acme/adapters/support/aliases/stable")
+    assert resp.status_code == 200
+    gw.expect_error(await gw.chat("acme", key, "support@stable"), 404)
+
+
+async def test_versions_increase_and_are_never_reused(gw, make_adapter):
+    key = await gw.new_tenant("acme")
+    versions = [await gw.register("acme", "support", make_adapter(seed=i)) for i in range(3)]
+    assert [v["version"] for v in versions] == [1, 2, 3]
+    resp = await gw.admin("DELETE", "/admin/tenants/acme/adapters/support/versions/3")
+    assert resp.status_code == 200
+    v4 = await gw.register("acme", "support", make_adapter(seed=9))
+    assert v4["version"] == 4
+    gw.expect_error(await gw.chat("acme", key, "support@3"), 404)
+    await gw.chat("acme", key, "support")
+    assert gw.engine.bodies[-1]["model"] == v4["engine_name"]
+    # Deleting the latest version makes the name resolve to the one before.
+    await gw.admin("DELETE", "/admin/tenants/acme/adapters/support/versions/4")
+    await gw.chat("acme", key, "support")
+    assert gw.engine.bodies[-1]["model"] == versions[1]["engine_name"]
+
+    # Deleting the whole adapter and registering it again never reuses an engine name or a
+    # stored folder (vLLM caches by name: a reused name would serve the old weights).
+    await gw.admin("DELETE", "/admin/tenants/acme/adapters/support")
+    await gw.settle()
+    again = await gw.register("acme", "support", make_adapter(seed=10))
+    old_names = {v["engine_name"] for v in [*versions, v4]}
+    assert again["engine_name"] not in old_names
+    resp = await gw.chat("acme", key, "support")
+    assert resp.status_code == 200
+    assert gw.engine.bodies[-1]["model"] == again["engine_name"]
+    assert gw.engine.load_calls[-1]["lora_name"] == again["engine_name"]
+
+
+async def test_versions_of_one_name_in_two_tenants_are_separate(gw, make_adapter):
+    key_a = await gw.new_tenant("tenant-a")
+    key_b = await gw.new_tenant("tenant-b")
+    va = await gw.register("tenant-a", "support", make_adapter(seed=1))
+    vb = await gw.register("tenant-b", "support", make_adapter(seed=2))
+    assert va["version"] == vb["version"] == 1
+    assert va["engine_name"] != vb["engine_name"]
+    await gw.chat("tenant-a", key_a, "support")
+    await gw.chat("tenant-b", key_b, "support")
+    assert [b["model"] for b in gw.engine.bodies] == [va["engine_name"], vb["engine_name"]]
+
+
+# -- deletion and residency in the engine --------------------------------------------------------
+
+async def test_deleting_an_adapter_unloads_it_and_erases_its_files(gw, make_adapter):
+    key = await gw.new_tenant("acme")
+    version = await gw.register("acme", "support", make_adapter())
+    assert (await gw.chat("acme", key, "support")).status_code == 200
+    name = version["engine_name"]
+    stored = gw.engine.loaded[name]
+    resp = await gw.admin("DELETE", "/admin/tenants/acme/adapters/support")
+    assert resp.json() == {"id": "support", "deleted": True}
+    await gw.settle()
+    assert name not in gw.engine.loaded
+    assert gw.engine.unload_calls == [name]
+    assert not (gw.settings.store_dir / stored).exists()
+    assert [p for p in gw.settings.store_dir.rglob("*") if p.is_file()] == []
+    gw.expect_error(await gw.chat("acme", key, "support"), 404)
+    snapshot = (await gw.admin("GET", "/admin/engine")).json()
+    assert snapshot["adapters"]["resident"] == []
+
+
+async def test_deleting_a_version_unloads_only_that_version(gw, make_adapter):
+    key = await gw.new_tenant("acme")
+    v1 = await gw.register("acme", "support", make_adapter(seed=1))
+    v2 = await gw.register("acme", "support", make_adapter(seed=2))
+    await gw.chat("acme", key, "support@1")
+    await gw.chat("acme", key, "support@2")
+    assert set(gw.engine.loaded) == {v1["engine_name"], v2["engine_name"]}
+    await gw.admin("DELETE", "/admin/tenants/acme/adapters/support/versions/1")
+    await gw.settle()
+    assert set(gw.engine.loaded) == {v2["engine_name"]}
+    assert (await gw.chat("acme", key, "support")).status_code == 200
+
+
+async def test_deleting_a_tenant_unloads_its_adapters_and_kills_its_keys(gw, make_adapter):
+    key = await gw.new_tenant("acme")
+    other = await gw.new_tenant("other")
+    version = await gw.register("acme", "support", make_adapter())
+    mine = await gw.register("other", "support", make_adapter())
+    await gw.chat("acme", key, "support")
+    await gw.chat("other", other, "support")
+    await gw.admin("DELETE", "/admin/tenants/acme")
+    await gw.settle()
+    assert version["engine_name"] not in gw.engine.loaded
+    assert mine["engine_name"] in gw.engine.loaded
+    gw.expect_error(await gw.chat("acme", key, BASE), 401)
+    assert (await gw.chat("other", other, "support")).status_code == 200
+
+
+async def test_lru_eviction_through_the_gateway(gw, make_adapter):
+    """max_resident_adapters=2: a third adapter evicts the least recently used one."""
+    key = await gw.new_tenant("acme")
+    names = {}
+    for n in ("a", "b", "c"):
+        names[n] = (await gw.register("acme", n, make_adapter(seed=ord(n))))["engine_name"]
+    for n in ("a", "b", "a", "c"):
+        assert (await gw.chat("acme", key, n)).status_code == 200
+    assert set(gw.engine.loaded) == {names["a"], names["c"]}
+    assert gw.engine.unload_calls == [names["b"]]
+    assert (await gw.chat("acme", key, "b")).status_code == 200
+    assert set(gw.engine.loaded) == {names["c"], names["b"]}
+    assert gw.engine.unload_calls == [names["b"], names["a"]]
+
+
+async def test_concurrent_first_uses_load_once(gw, make_adapter):
+    key = await gw.new_tenant("acme")
+    version = await gw.register("acme", "support", make_adapter())
+    answers = await asyncio.gather(*(gw.chat("acme", key, "support") for _ in range(6)))
+    assert [a.status_code for a in answers] == [200] * 6
+    assert [c["lora_name"] for c in gw.engine.load_calls] == [version["engine_name"]]
+
+
+@pytest.mark.health_poll(0.05)
+async def test_engine_restart_clears_leftovers_and_reloads(gw, make_adapter):
+    key = await gw.new_tenant("acme")
+    version = await gw.register("acme", "support", make_adapter())
+    assert (await gw.chat("acme", key, "support")).status_code == 200
+    gw.engine.healthy = False
+    await _wait(lambda: not gw.services.engine_ready)
+    # The engine comes back with an adapter this gateway did not load (and without ours).
+    gw.engine.loaded = {"left-over": "/somewhere"}
+    gw.engine.healthy = True
+    await _wait(lambda: gw.services.engine_ready)
+    assert "left-over" in gw.engine.unload_calls
+    assert gw.engine.loaded == {}
+    assert (await gw.chat("acme", key, "support")).status_code == 200
+    assert [c["lora_name"] for c in gw.engine.load_calls] == [version["engine_name"]] * 2
+
+
+async def _wait(predicate):
+    for _ in range(1000):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition never held")
+
+
+# -- keys and listings ---------------------------------------------------------------------------
+
+async def test_keys_are_stored_hashed(gw):
+    key = await gw.new_tenant("acme")
+    assert key.startswith("lpx-") and len(key) > 40
+    listed = (await gw.admin("GET", "/admin/tenants/acme/keys")).json()["data"]
+    assert len(listed) == 1 and "key" not in listed[0]
+    assert key.startswith(listed[0]["prefix"]) and len(listed[0]["prefix"]) < len(key) // 2
+    await gw.chat("acme", key, BASE)
+    files = sorted(gw.settings.home.glob("registry.db*"))
+    assert files, "no registry database found"
+    data = b"".join(p.read_bytes() for p in files)
+    assert hash_key(key).encode() in data  # the right files were searched
+    assert key.encode() not in data
+    assert key[len(listed[0]["prefix"]):].encode() not in data
+
+
+async def test_two_keys_revoking_one_keeps_the_other(gw):
+    key1 = await gw.new_tenant("acme")
+    resp = await gw.admin("POST", "/admin/tenants/acme/keys", json={"name": "second"})
+    assert resp.status_code == 201 and resp.json()["name"] == "second"
+    key2 = resp.json()["key"]
+    assert key2 != key1
+    await gw.admin("DELETE", f"/admin/tenants/acme/keys/{resp.json()['id']}")
+    gw.expect_error(await gw.chat("acme", key2, BASE), 401)
+    assert (await gw.chat("acme", key1, BASE)).status_code == 200
+
+
+async def test_models_lists_base_and_own_adapters(gw, make_adapter):
+    key = await gw.new_tenant("acme")
+    other = await gw.new_tenant("other")
+    await gw.register("acme", "support", make_adapter(seed=1))
+    await gw.register("acme", "support", make_adapter(seed=2))
+    await gw.register("acme", "billing", make_adapter(seed=3))
+    await gw.register("other", "hidden", make_adapter(seed=4))
+    await gw.admin("PUT", "/admin/tenants/acme/adapters/support/aliases/stable",
+                   json={"version": 1})
+    resp = await gw.client.get("/v1/models", headers=gw.headers("acme", key))
+    assert resp.status_code == 200
+    body = resp.json()
+    assert body["object"] == "list"
+    ids = [m["id"] for m in body["data"]]
+    assert ids[0] == BASE
+    assert sorted(ids[1:]) == sorted(["billing", "billing@1", "support", "support@1",
+                                      "support@2", "support@stable"])
+    for m in body["data"][1:]:
+        assert m["object"] == "model" and m["owned_by"] == "acme" and m["parent"] == BASE
+    assert body["data"][0]["parent"] is None
+    one = await gw.client.get("/v1/models/support@stable", headers=gw.headers("acme", key))
+    assert one.status_code == 200 and one.json()["id"] == "support@stable"
+    base = await gw.client.get(f"/v1/models/{BASE}", headers=gw.headers("acme", key))
+    assert base.status_code == 200 and base.json()["id"] == BASE
+    theirs = await gw.client.get("/v1/models", headers=gw.headers("other", other))
+    assert [m["id"] for m in theirs.json()["data"]] == [BASE, "hidden", "hidden@1"]
+
+
+async def test_version_record_describes_the_adapter(gw, make_adapter):
+    await gw.new_tenant("acme")
+    folder = make_adapter(r=16, alpha=32, targets=("q_proj", "k_proj", "down_proj"),
+                          config_overrides={"base_model_name_or_path": "someone/else"})
+    version = await gw.register("acme", "support", folder)
+    assert version["rank"] == 16 and version["alpha"] == 32.0
+    assert version["target_modules"] == ["down_proj", "k_proj", "q_proj"]
+    assert version["model"] == "support@1" and version["source"] == "upload"
+    assert version["size_bytes"] == (folder / "adapter_model.safetensors").stat().st_size
+    assert any("someone/else" in w for w in version["warnings"])
+
+
+async def test_healthz_and_engine_status(gw):
+    resp = await gw.client.get("/healthz")
+    assert resp.status_code == 200
+    assert resp.json() == {"status": "ok", "model": BASE}
+    status = (await gw.admin("GET", "/admin/engine")).json()
+    assert status["ready"] is True and status["spawned"] is False
+    assert status["adapters"]["capacity"] == 2
+
+
+# -- client disconnects ----------------------------------------------------------------------------
+
+async def test_client_disconnect_before_answer_is_client_gone_and_cancels_work():
+    from server.routes.openai import ClientGone, _cancel_on_disconnect
+
+    class GoneRequest:
+        async def receive(self):
+            return {"type": "http.disconnect"}
+
+    cancelled = asyncio.Event()
+
+    async def slow_answer():
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    with pytest.raises(ClientGone):
+        await _cancel_on_disconnect(GoneRequest(), slow_answer())
+    await asyncio.wait_for(cancelled.wait(), 10)
+    assert cancelled.is_set()
+
+
+async def test_answer_ready_before_disconnect_is_returned():
+    from server.routes.openai import _cancel_on_disconnect
+
+    class StayingRequest:
+        async def receive(self):
+            await asyncio.sleep(3600)
+
+    async def answer():
+        return {"ok": True}
+
+    assert await _cancel_on_disconnect(StayingRequest(), answer()) == {"ok": True}
