@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from server.errors import error_response, install_error_handlers
 from server.limits import BodyLimit
 from server.request_log import RequestObserver
-from server.routes import admin, openai
+from server.routes import admin, fine_tuning, openai
 from server.routes.openai import ClientGone
 from server.services import Services
 
@@ -39,6 +39,7 @@ def create_app(services: Services) -> FastAPI:
         return Response(status_code=499)
 
     app.include_router(openai.router)
+    app.include_router(fine_tuning.router)
     app.include_router(admin.router)
 
     @app.get("/metrics", tags=["ops"])

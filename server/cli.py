@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import uvicorn
 from rich.console import Console
@@ -54,20 +58,96 @@ Try it:
 """)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                             timeout_graceful_shutdown=10, access_log=False)
-    uvicorn.Server(config).run()
+    workers = [_spawn_worker(settings, model_path, i) for i in range(settings.workers)]
+    stopping = threading.Event()
+
+    def supervise_workers() -> None:
+        # A worker that dies (OOM, kill) is started again; its job resumes from a checkpoint.
+        while not stopping.wait(2.0):
+            for i, proc in enumerate(workers):
+                if proc.poll() is not None and not stopping.is_set():
+                    console.print(f"Training worker {i} exited ({proc.returncode}); restarting")
+                    workers[i] = _spawn_worker(settings, model_path, i)
+
+    threading.Thread(target=supervise_workers, daemon=True).start()
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        stopping.set()
+        for proc in workers:
+            proc.terminate()
+        for proc in workers:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return 0
+
+
+def _spawn_worker(settings: Settings, model_path: Path, index: int) -> subprocess.Popen[bytes]:
+    """A `loraplex worker` child (own process: training must not stall the gateway)."""
+    from server.engine.process import _die_with_parent
+
+    log_path = settings.home / "logs" / f"worker-{index}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "LORAPLEX_HOME": str(settings.home),
+           "LORAPLEX_MODEL_PATH": str(model_path), "HF_HUB_OFFLINE": "1"}
+    with log_path.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "worker"], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_die_with_parent)
+    console.print(f"Training worker {index} started (pid {proc.pid}, log: {log_path})")
+    return proc
+
+
+def _worker(settings: Settings) -> int:
+    """Run one training worker until SIGTERM/SIGINT."""
+    import asyncio
+    import signal
+
+    from adapters.base_model import BaseModelInfo
+    from adapters.registry import Registry
+    from adapters.training.jobs import JobStore
+    from adapters.training.worker import Worker
+    from adapters.validation import AdapterLimits
+    from server.services import build_store, resolve_model_path
+
+    async def run() -> None:
+        model_path = resolve_model_path(settings)
+        registry = Registry(settings.registry_url)
+        await registry.create_schema()
+        store, _ = build_store(settings)
+        worker = Worker(JobStore(registry, settings.home / "files"), registry, store, model_path,
+                        BaseModelInfo.from_folder(model_path),
+                        AdapterLimits(settings.max_lora_rank, settings.max_adapter_bytes),
+                        settings.model_name, settings.home / "training",
+                        lease_s=settings.worker_lease_s)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await worker.run_forever(stop)
+        finally:
+            await registry.close()
+
+    asyncio.run(run())
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="run the gateway and a supervised vLLM engine (LORAPLEX_* settings)")
+    sub.add_parser("up", help="run the gateway, a supervised vLLM engine and training workers")
+    sub.add_parser("worker", help="run one training worker (claims fine-tuning jobs)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = Settings()
     if args.command == "up":
         return _up(settings)
+    if args.command == "worker":
+        return _worker(settings)
     return 2
 
 

@@ -12,17 +12,17 @@ class BodyLimit:
     """ASGI middleware: 413 when a body is over its limit (by Content-Length, or as it streams)."""
 
     def __init__(self, app: ASGIApp, default_limit: int, upload_limit: int,
-                 upload_prefix: str = "/admin/") -> None:
+                 upload_prefixes: tuple[str, ...] = ("/admin/", "/v1/files")) -> None:
         self.app = app
         self.default_limit = default_limit
         self.upload_limit = upload_limit
-        self.upload_prefix = upload_prefix
+        self.upload_prefixes = upload_prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = (self.upload_limit if scope["path"].startswith(self.upload_prefix)
+        limit = (self.upload_limit if scope["path"].startswith(self.upload_prefixes)
                  else self.default_limit)
         too_large = TooLarge(f"request body is over the limit of {limit} bytes",
                              code="request_too_large")

@@ -9,6 +9,7 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -18,6 +19,7 @@ from adapters.registry import Registry
 from adapters.residency import Residency
 from adapters.s3_store import S3Store, parse_s3_uri
 from adapters.store import AdapterStore, LocalStore
+from adapters.training.jobs import JobStore
 from adapters.validation import AdapterLimits
 from server.auth import TenantAuth
 from server.engine.client import EngineClient
@@ -44,12 +46,13 @@ def read_or_create_secret(path: Path, make: str) -> str:
     return make
 
 
-def build_store(settings: Settings, metrics: Metrics) -> tuple[AdapterStore, str]:
+def build_store(settings: Settings, metrics: Metrics | None = None) -> tuple[AdapterStore, str]:
     """The adapter store the settings name, and its `source` label ("s3" or "local")."""
     if not settings.uses_s3:
         return LocalStore(settings.store_dir), "local"
     assert settings.store is not None
     bucket, prefix = parse_s3_uri(settings.store)
+    metrics = metrics or Metrics()
     cache = DiskCache(settings.cache_dir, settings.cache_max_bytes,
                       on_fetched=metrics.adapter_load_seconds.labels("disk", "s3").observe)
     store = S3Store(bucket, prefix, cache, endpoint_url=settings.s3_endpoint_url,
@@ -76,7 +79,10 @@ class Services:
     admin_token: str
     limits: AdapterLimits
     metrics: Metrics
+    jobs: JobStore
+    model_path: Path
     engine_process: EngineProcess | None = None
+    _tokenizer: Any = None
     engine_ready: bool = False
     engine_ready_event: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -118,7 +124,8 @@ class Services:
                    residency=residency, gateway=gateway, auth=TenantAuth(registry),
                    admin_token=admin_token,
                    limits=AdapterLimits(settings.max_lora_rank, settings.max_adapter_bytes),
-                   metrics=metrics, engine_process=process)
+                   metrics=metrics, jobs=JobStore(registry, settings.home / "files"),
+                   model_path=model_path, engine_process=process)
 
     async def start(self) -> None:
         await self.registry.create_schema()
@@ -137,6 +144,15 @@ class Services:
             await self.engine_process.stop()
         await self.engine.aclose()
         await self.registry.close()
+
+    async def tokenizer(self) -> Any:
+        """The base model's tokenizer (for dataset checks), loaded once on first use."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained,
+                                                      str(self.model_path))
+        return self._tokenizer
 
     def spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
         """Run a coroutine in the background, keeping a reference until it ends."""

@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     local_source_allowlist: list[Path] = Field(default_factory=list)
     """Folders the admin API may register adapters from by local path (empty: none)."""
 
+    workers: int = Field(default=1, ge=0, le=8)
+    """Training workers `loraplex up` starts beside the gateway (0: none; run `loraplex worker`)."""
+    worker_lease_s: float = Field(default=30.0, ge=3)
+    """A job whose worker has not renewed its lease for this long is taken over by another."""
+
     store: str | None = None
     """Where adapter versions live: `s3://bucket/prefix`, or a local folder (default: home/store)."""
     s3_endpoint_url: str | None = None

@@ -305,7 +305,8 @@ def _key(k: ApiKey) -> dict[str, Any]:
 
 def _version(v: AdapterVersion, tenant: str, name: str) -> dict[str, Any]:
     return {"object": "adapter_version", "tenant": tenant, "adapter": name, "version": v.version,
-            "model": f"{name}@{v.version}", "engine_name": v.engine_name, "rank": v.rank,
+            "model": f"{name}@{v.version}", "engine_name": v.engine_name,
+            "store_key": v.store_key, "rank": v.rank,
             "alpha": v.alpha, "target_modules": v.target_modules, "base_model": v.base_model,
             "size_bytes": v.size_bytes, "sha256": v.sha256, "source": v.source,
             "pinned": v.pinned, "created_at": _ts(v.created_at),

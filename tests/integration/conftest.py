@@ -93,6 +93,7 @@ def running_server(base_model: Path, home: Path, **env_overrides: str) -> Iterat
         "LORAPLEX_MAX_LORAS": "2",
         "LORAPLEX_MAX_RESIDENT_ADAPTERS": str(RESIDENT_SLOTS),
         "LORAPLEX_MAX_LORA_RANK": "16",
+        "LORAPLEX_WORKER_LEASE_S": "6",
         **env_overrides,
     })
     log = home / "gateway.log"

@@ -1,0 +1,238 @@
+"""Training files, fine-tuning jobs, their events and checkpoints, in the registry database.
+
+Job life: validating_files -> queued -> running -> succeeded | failed | cancelled.
+A worker claims a queued job (or a running one whose lease ran out: its worker died) with a
+compare-and-set update, so two workers never both win it, and renews the lease while it
+trains. Losing the lease (or the job being cancelled) tells the worker to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import or_, select, update
+
+from adapters.errors import Conflict, InvalidInput, NotFound
+from adapters.registry import Registry
+from adapters.registry.models import FineTuneJob, JobCheckpoint, JobEvent, TrainingFile, utcnow
+
+ACTIVE = ("validating_files", "queued", "running")
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite hands datetimes back naive; they were written in UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+class JobStore:
+    def __init__(self, registry: Registry, files_dir: Path) -> None:
+        self.registry = registry
+        self.files_dir = files_dir
+
+    # -- files -------------------------------------------------------------------------------
+
+    async def create_file(self, tenant: str, filename: str, purpose: str,
+                          data: bytes) -> TrainingFile:
+        await self.registry.get_tenant(tenant)
+        file_id = "file-" + secrets.token_hex(12)
+        path = self.files_dir / tenant / f"{file_id}.jsonl"
+        await asyncio.to_thread(_write_atomically, path, data)
+        try:
+            async with self.registry.transaction() as s:
+                row = TrainingFile(id=file_id, tenant_id=tenant, filename=filename[:256],
+                                   purpose=purpose, bytes=len(data), path=str(path))
+                s.add(row)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return row
+
+    async def list_files(self, tenant: str, purpose: str | None = None) -> list[TrainingFile]:
+        async with self.registry.transaction() as s:
+            q = select(TrainingFile).where(TrainingFile.tenant_id == tenant)
+            if purpose:
+                q = q.where(TrainingFile.purpose == purpose)
+            return list((await s.scalars(q.order_by(TrainingFile.created_at.desc()))).all())
+
+    async def get_file(self, tenant: str, file_id: str) -> TrainingFile:
+        async with self.registry.transaction() as s:
+            row = await s.get(TrainingFile, file_id)
+            if row is None or row.tenant_id != tenant:  # another tenant's file does not exist
+                raise NotFound(f"no file with id {file_id!r}", param="file_id",
+                               code="file_not_found")
+            return row
+
+    async def read_file(self, tenant: str, file_id: str) -> bytes:
+        row = await self.get_file(tenant, file_id)
+        return await asyncio.to_thread(Path(row.path).read_bytes)
+
+    async def delete_file(self, tenant: str, file_id: str) -> None:
+        row = await self.get_file(tenant, file_id)
+        async with self.registry.transaction() as s:
+            await s.delete(await s.get(TrainingFile, row.id))
+        Path(row.path).unlink(missing_ok=True)
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    async def create_job(self, tenant: str, **fields: Any) -> FineTuneJob:
+        job = FineTuneJob(id="ftjob-" + secrets.token_hex(12), tenant_id=tenant,
+                          status="validating_files", **fields)
+        async with self.registry.transaction() as s:
+            s.add(job)
+            s.add(JobEvent(job_id=job.id, message="Validating training file"))
+            await s.flush()
+            job.status = "queued"
+            s.add(JobEvent(job_id=job.id, message="Files validated; job queued"))
+        return job
+
+    async def list_jobs(self, tenant: str, after: str | None, limit: int) -> tuple[list[FineTuneJob], bool]:
+        async with self.registry.transaction() as s:
+            q = select(FineTuneJob).where(FineTuneJob.tenant_id == tenant)
+            if after:
+                anchor = await s.get(FineTuneJob, after)
+                if anchor is not None and anchor.tenant_id == tenant:
+                    q = q.where(FineTuneJob.created_at < anchor.created_at)
+            rows = list((await s.scalars(
+                q.order_by(FineTuneJob.created_at.desc()).limit(limit + 1))).all())
+        return rows[:limit], len(rows) > limit
+
+    async def get_job(self, tenant: str | None, job_id: str) -> FineTuneJob:
+        """A job; with `tenant`, only that tenant's (another tenant's job does not exist)."""
+        async with self.registry.transaction() as s:
+            job = await s.get(FineTuneJob, job_id)
+            if job is None or (tenant is not None and job.tenant_id != tenant):
+                raise NotFound(f"no fine-tuning job with id {job_id!r}", param="fine_tuning_job_id",
+                               code="job_not_found")
+            return job
+
+    async def cancel_job(self, tenant: str, job_id: str) -> FineTuneJob:
+        await self.get_job(tenant, job_id)
+        async with self.registry.transaction() as s:
+            result = await s.execute(
+                update(FineTuneJob).where(FineTuneJob.id == job_id,
+                                          FineTuneJob.status.in_(ACTIVE))
+                .values(status="cancelled", finished_at=utcnow()))
+            if result.rowcount:
+                s.add(JobEvent(job_id=job_id, message="Job cancelled"))
+        job = await self.get_job(tenant, job_id)
+        if job.status != "cancelled":
+            raise Conflict(f"job {job_id} has already {job.status}", code="job_finished")
+        return job
+
+    # -- events and checkpoints ------------------------------------------------------------------
+
+    async def add_event(self, job_id: str, message: str, *, level: str = "info",
+                        type_: str = "message", data: dict[str, Any] | None = None) -> None:
+        async with self.registry.transaction() as s:
+            s.add(JobEvent(job_id=job_id, message=message[:2000], level=level, type=type_,
+                           data=data or {}))
+
+    async def list_events(self, tenant: str, job_id: str, after: str | None,
+                          limit: int) -> tuple[list[JobEvent], bool]:
+        await self.get_job(tenant, job_id)
+        async with self.registry.transaction() as s:
+            q = select(JobEvent).where(JobEvent.job_id == job_id)
+            if after and after.startswith("ftevent-") and after[8:].isdigit():
+                q = q.where(JobEvent.id < int(after[8:]))
+            rows = list((await s.scalars(q.order_by(JobEvent.id.desc()).limit(limit + 1))).all())
+        return rows[:limit], len(rows) > limit
+
+    async def add_checkpoint(self, job_id: str, step: int, metrics: dict[str, Any]) -> None:
+        async with self.registry.transaction() as s:
+            existing = await s.scalar(select(JobCheckpoint).where(
+                JobCheckpoint.job_id == job_id, JobCheckpoint.step == step))
+            if existing is None:
+                s.add(JobCheckpoint(job_id=job_id, step=step, metrics=metrics))
+
+    async def list_checkpoints(self, tenant: str, job_id: str) -> list[JobCheckpoint]:
+        await self.get_job(tenant, job_id)
+        async with self.registry.transaction() as s:
+            return list((await s.scalars(select(JobCheckpoint).where(
+                JobCheckpoint.job_id == job_id).order_by(JobCheckpoint.step.desc()))).all())
+
+    # -- workers -------------------------------------------------------------------------------
+
+    async def claim(self, worker_id: str, lease_s: float) -> FineTuneJob | None:
+        """Take the oldest queued job, or a running one whose worker stopped renewing it."""
+        now = _now()
+        async with self.registry.transaction() as s:
+            candidates = (await s.scalars(
+                select(FineTuneJob).where(or_(
+                    FineTuneJob.status == "queued",
+                    (FineTuneJob.status == "running") & (FineTuneJob.lease_expires_at < now)))
+                .order_by(FineTuneJob.created_at).limit(5))).all()
+            for job in candidates:
+                # Compare-and-set on what we read: only one worker's update matches.
+                result = await s.execute(
+                    update(FineTuneJob).where(
+                        FineTuneJob.id == job.id, FineTuneJob.status == job.status,
+                        FineTuneJob.attempts == job.attempts)
+                    .values(status="running", worker_id=worker_id, attempts=job.attempts + 1,
+                            lease_expires_at=now + timedelta(seconds=lease_s)))
+                if result.rowcount == 1:
+                    resumed = job.status == "running"
+                    s.add(JobEvent(job_id=job.id, message=(
+                        f"Job resumed by worker {worker_id} (previous worker lost its lease)"
+                        if resumed else f"Job started by worker {worker_id}")))
+                    await s.flush()
+                    await s.refresh(job)
+                    return job
+        return None
+
+    async def renew(self, job_id: str, worker_id: str, lease_s: float) -> bool:
+        """Extend the lease; False if the job is no longer this worker's to run."""
+        async with self.registry.transaction() as s:
+            result = await s.execute(
+                update(FineTuneJob).where(FineTuneJob.id == job_id,
+                                          FineTuneJob.worker_id == worker_id,
+                                          FineTuneJob.status == "running")
+                .values(lease_expires_at=_now() + timedelta(seconds=lease_s)))
+            return bool(result.rowcount)
+
+    async def finish(self, job_id: str, worker_id: str, status: str, message: str,
+                     **fields: Any) -> bool:
+        """Move a running job of this worker to a final status; False if it was not ours."""
+        assert status in FINAL
+        async with self.registry.transaction() as s:
+            result = await s.execute(
+                update(FineTuneJob).where(FineTuneJob.id == job_id,
+                                          FineTuneJob.worker_id == worker_id,
+                                          FineTuneJob.status == "running")
+                .values(status=status, finished_at=utcnow(), lease_expires_at=None, **fields))
+            if result.rowcount:
+                s.add(JobEvent(job_id=job_id, message=message,
+                               level="error" if status == "failed" else "info"))
+            return bool(result.rowcount)
+
+    async def update_job(self, job_id: str, **fields: Any) -> None:
+        async with self.registry.transaction() as s:
+            await s.execute(update(FineTuneJob).where(FineTuneJob.id == job_id).values(**fields))
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.rename(path)
+
+
+def check_purpose(purpose: str) -> str:
+    if purpose != "fine-tune":
+        raise InvalidInput(f"purpose {purpose!r} is not supported; use 'fine-tune'",
+                           param="purpose")
+    return purpose

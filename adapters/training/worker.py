@@ -1,0 +1,180 @@
+"""The training worker: claims fine-tuning jobs, trains, evaluates, registers the adapter.
+
+Training runs in a thread so the event loop keeps renewing the job's lease. A job whose
+worker dies is claimed again once its lease runs out, and training resumes from the last
+checkpoint in the job's work folder. Cancelling, failing or losing the lease leaves no
+adapter version behind: the version is registered only at the end, and removed again if the
+job turned out to be cancelled meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import socket
+import threading
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from adapters.base_model import BaseModelInfo
+from adapters.errors import LoraplexError
+from adapters.registration import register_version
+from adapters.registry import Registry
+from adapters.registry.models import FineTuneJob
+from adapters.store import AdapterStore
+from adapters.training.dataset import mix_general, validate_jsonl
+from adapters.training.jobs import JobStore
+from adapters.validation import AdapterLimits
+
+log = logging.getLogger(__name__)
+
+BASE_LEARNING_RATE = 2e-4
+CHECKPOINT_EVERY_STEPS = 5
+
+
+class Worker:
+    def __init__(self, jobs: JobStore, registry: Registry, store: AdapterStore,
+                 base_model: Path, base_info: BaseModelInfo, limits: AdapterLimits,
+                 model_name: str, work_root: Path, *, lease_s: float = 30.0,
+                 poll_s: float = 2.0, worker_id: str | None = None) -> None:
+        self.jobs, self.registry, self.store = jobs, registry, store
+        self.base_model, self.base_info, self.limits = base_model, base_info, limits
+        self.model_name = model_name
+        self.work_root = work_root
+        self.lease_s, self.poll_s = lease_s, poll_s
+        self.worker_id = worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+
+    async def run_forever(self, stop: asyncio.Event) -> None:
+        log.info("training worker %s polling for jobs", self.worker_id)
+        while not stop.is_set():
+            job = await self.jobs.claim(self.worker_id, self.lease_s)
+            if job is None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.poll_s)
+                continue
+            await self.run_job(job)
+
+    async def run_job(self, job: FineTuneJob) -> None:
+        from adapters.training.trainer import TrainingStopped
+
+        stop_training = threading.Event()
+        heartbeat = asyncio.create_task(self._keep_lease(job.id, stop_training))
+        work_dir = self.work_root / job.id
+        try:
+            await self._train_and_register(job, work_dir, stop_training)
+        except TrainingStopped:
+            log.info("job %s stopped (cancelled or lease lost)", job.id)
+        except Exception as exc:  # noqa: BLE001 - any failure fails the job, not the worker
+            log.exception("job %s failed", job.id)
+            code = exc.code if isinstance(exc, LoraplexError) else type(exc).__name__
+            await self.jobs.finish(job.id, self.worker_id, "failed", f"Job failed: {exc}",
+                                   error={"code": code, "message": str(exc)[:2000],
+                                          "param": None})
+        finally:
+            heartbeat.cancel()
+            current = await self.jobs.get_job(None, job.id)
+            if current.status in ("succeeded", "failed", "cancelled"):
+                await asyncio.to_thread(shutil.rmtree, work_dir, True)
+
+    async def _keep_lease(self, job_id: str, stop_training: threading.Event) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            try:
+                mine = await self.jobs.renew(job_id, self.worker_id, self.lease_s)
+            except Exception:  # noqa: BLE001 - a database hiccup: try again next beat
+                log.warning("could not renew the lease of %s", job_id, exc_info=True)
+                continue
+            if not mine:
+                stop_training.set()
+                return
+
+    async def _train_and_register(self, job: FineTuneJob, work_dir: Path,
+                                  stop_training: threading.Event) -> None:
+        from adapters.training.trainer import (
+            TrainConfig,
+            evaluate,
+            latest_checkpoint,
+            split_holdout,
+            train,
+        )
+
+        loop = asyncio.get_running_loop()
+        train_data = await self.jobs.read_file(job.tenant_id, job.training_file)
+        examples = validate_jsonl(train_data, min_examples=1).examples
+        if job.validation_file:
+            holdout = validate_jsonl(await self.jobs.read_file(job.tenant_id, job.validation_file),
+                                     min_examples=1).examples
+        else:
+            examples, holdout = split_holdout(examples, fraction=0.1, seed=job.seed)
+        lora, hp = job.lora, job.hyperparameters
+        if lora.get("general_data_ratio"):
+            examples = mix_general(examples, lora["general_data_ratio"], job.seed)
+        config = TrainConfig(
+            r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
+            target_modules=tuple(lora["target_modules"]), use_rslora=lora["use_rslora"],
+            loraplus_lr_ratio=lora["loraplus_lr_ratio"],
+            learning_rate=lora["learning_rate"] or BASE_LEARNING_RATE
+            * hp["learning_rate_multiplier"],
+            epochs=hp["n_epochs"], batch_size=hp["batch_size"], max_seq_len=lora["max_seq_len"],
+            seed=job.seed, load_in_4bit=lora["load_in_4bit"],
+            checkpoint_every_steps=CHECKPOINT_EVERY_STEPS, base_model_name=self.model_name)
+
+        checkpoint = latest_checkpoint(work_dir)
+        if checkpoint is not None:
+            await self.jobs.add_event(job.id, f"Resuming from step "
+                                      f"{checkpoint.name.removeprefix('step-')} ({checkpoint.name})")
+
+        def on_progress(p: Any) -> None:  # called from the training thread
+            asyncio.run_coroutine_threadsafe(self._progress(job.id, p, config), loop)
+
+        result = await asyncio.to_thread(train, self.base_model, examples, config, work_dir,
+                                         on_progress=on_progress,
+                                         should_stop=stop_training.is_set)
+        await self.jobs.add_event(job.id, "Evaluating the adapter against the base model")
+        base_eval = await asyncio.to_thread(evaluate, self.base_model, holdout, None,
+                                            config.max_seq_len)
+        tuned_eval = await asyncio.to_thread(evaluate, self.base_model, holdout,
+                                             result.adapter_dir, config.max_seq_len)
+        figures = {"base_loss": base_eval.loss, "base_perplexity": base_eval.perplexity,
+                   "adapter_loss": tuned_eval.loss, "adapter_perplexity": tuned_eval.perplexity,
+                   "holdout_examples": len(holdout), "improved": tuned_eval.loss < base_eval.loss}
+        await self.jobs.add_event(
+            job.id, f"Held-out loss: base {base_eval.loss:.4f}, adapter {tuned_eval.loss:.4f}",
+            type_="metrics", data=figures)
+        run = {"steps": result.steps, "train_loss": result.train_loss,
+               "tokens_per_s": result.tokens_per_s, "seconds": result.seconds}
+        if lora.get("require_improvement") and not figures["improved"]:
+            await self.jobs.finish(
+                job.id, self.worker_id, "failed", "The adapter did not beat the base model",
+                error={"code": "eval_not_improved", "param": None,
+                       "message": "held-out loss of the adapter is not below the base model's"},
+                result={"eval": figures, "run": run}, trained_tokens=result.trained_tokens)
+            return
+        version = await register_version(
+            self.registry, self.store, self.base_info, self.limits, job.tenant_id,
+            job.adapter_name, result.adapter_dir, f"fine-tune:{job.id}", self.model_name)
+        version.meta = {**(version.meta or {}), "eval": figures}
+        name = f"{job.adapter_name}@{version.version}"
+        done = await self.jobs.finish(
+            job.id, self.worker_id, "succeeded", f"New fine-tuned model created: {name}",
+            fine_tuned_model=name, result={"eval": figures, "run": run},
+            trained_tokens=result.trained_tokens)
+        if not done:  # cancelled (or taken over) while registering: leave nothing behind
+            deleted = await self.registry.delete_version(job.tenant_id, job.adapter_name,
+                                                         version.version)
+            for key in deleted.store_keys:
+                await self.store.delete(key)
+
+    async def _progress(self, job_id: str, p: Any, config: Any) -> None:
+        data = {k: v for k, v in asdict(p).items() if isinstance(v, (int, float))}
+        if p.step % CHECKPOINT_EVERY_STEPS == 0 or p.step == p.total_steps:
+            await self.jobs.add_event(
+                job_id, f"Step {p.step}/{p.total_steps}: training loss={p.loss:.4f}",
+                type_="metrics", data=data)
+        if p.step % config.checkpoint_every_steps == 0:
+            await self.jobs.add_checkpoint(job_id, p.step, {"train_loss": p.loss})
+        await self.jobs.update_job(job_id, result={"progress": p.step / max(p.total_steps, 1)})
