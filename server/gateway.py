@@ -21,6 +21,7 @@ from adapters.names import parse_model_ref
 from adapters.registry import AdapterVersion, Registry
 from adapters.residency import Residency
 from adapters.store import AdapterStore
+from server.admission import FairAdmission
 from server.engine.client import EngineClient
 from server.protocol import _GenerationRequest
 from server.request_log import RequestRecord
@@ -42,8 +43,10 @@ class Target:
 class Gateway:
     def __init__(self, registry: Registry, store: AdapterStore, residency: Residency,
                  engine: EngineClient, base_model_name: str, salt_secret: bytes,
+                 admission: FairAdmission,
                  on_token_gap: Callable[[float], None] | None = None) -> None:
         self.registry = registry
+        self.admission = admission
         self.on_token_gap = on_token_gap  # inter-token latency, for metrics
         self.store = store
         self.residency = residency
@@ -95,7 +98,7 @@ class Gateway:
                        record: RequestRecord) -> dict[str, Any]:
         target = await self.resolve(tenant, req.model)
         _describe(record, req, target)
-        async with self._hold(target):
+        async with self.admission.admit(tenant), self._hold(target):
             answer = await self.engine.post_json(
                 path, req.engine_body(target.engine_name, self.cache_salt(tenant)))
         answer["model"] = req.model
@@ -121,7 +124,8 @@ class Gateway:
         needle = f'"model":{json.dumps(target.engine_name)}'
         replacement = f'"model":{json.dumps(req.model)}'
         last_token_at: float | None = None
-        async with self._hold(target), self.engine.stream_lines(path, body) as lines:
+        async with (self.admission.admit(tenant), self._hold(target),
+                    self.engine.stream_lines(path, body) as lines):
             yield b""  # primed: the engine accepted the request
             event: list[str] = []
             async for line in lines:

@@ -53,6 +53,8 @@ class Metrics:
         self.adapter_load_seconds = Histogram(
             "loraplex_adapter_load_seconds", "Time to load an adapter into a tier",
             ["tier", "source"], buckets=_LOAD_BUCKETS, registry=r)
+        self.queued = Gauge("loraplex_requests_queued",
+                            "Tenant API requests waiting for fair admission", registry=r)
         self.slot_waiting = Gauge("loraplex_adapter_slot_waiting",
                                   "Requests waiting for an engine adapter slot", registry=r)
         self.engine_up = Gauge("loraplex_engine_up", "1 when the engine answers its health check",

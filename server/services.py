@@ -24,6 +24,7 @@ from adapters.validation import AdapterLimits
 from server.auth import TenantAuth
 from server.engine.client import EngineClient
 from server.engine.process import EngineProcess
+from server.admission import FairAdmission
 from server.gateway import Gateway
 from server.metrics import Metrics
 from server.settings import Settings
@@ -117,8 +118,11 @@ class Services:
         salt = read_or_create_secret(settings.home / "secret", secrets.token_hex(32))
         admin_token = settings.admin_token or read_or_create_secret(
             settings.home / "admin_token", "lpx-admin-" + secrets.token_urlsafe(24))
+        admission = FairAdmission(settings.max_in_flight, settings.tenant_max_in_flight,
+                                  settings.tenant_max_queue, settings.admission_wait_s)
+        metrics.queued.set_function(lambda: admission.queued)
         gateway = Gateway(registry, store, residency, engine, settings.model_name, salt.encode(),
-                          on_token_gap=metrics.itl.observe)
+                          admission, on_token_gap=metrics.itl.observe)
         return cls(settings=settings, registry=registry, store=store,
                    base_info=BaseModelInfo.from_folder(model_path), engine=engine,
                    residency=residency, gateway=gateway, auth=TenantAuth(registry),

@@ -65,6 +65,15 @@ class Settings(BaseSettings):
     adapter_slot_wait_s: float = Field(default=30.0, ge=0)
     """How long a request waits for a residency slot when every slot is in use."""
 
+    max_in_flight: int = Field(default=256, ge=1)
+    """Requests forwarded to the engine at once; more wait, let in round-robin by tenant."""
+    tenant_max_in_flight: int = Field(default=64, ge=1)
+    """Requests of one tenant forwarded at once."""
+    tenant_max_queue: int = Field(default=256, ge=0)
+    """Requests of one tenant that may wait for admission (429 beyond)."""
+    admission_wait_s: float = Field(default=60.0, gt=0)
+    """Longest wait for admission before 429."""
+
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     """Largest body accepted on the tenant API (413 above it)."""
     max_upload_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)
