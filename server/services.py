@@ -21,10 +21,10 @@ from adapters.s3_store import S3Store, parse_s3_uri
 from adapters.store import AdapterStore, LocalStore
 from adapters.training.jobs import JobStore
 from adapters.validation import AdapterLimits
+from server.admission import FairAdmission
 from server.auth import TenantAuth
 from server.engine.client import EngineClient
 from server.engine.process import EngineProcess
-from server.admission import FairAdmission
 from server.gateway import Gateway
 from server.metrics import Metrics
 from server.settings import Settings
