@@ -202,6 +202,8 @@ async def main_async(args: argparse.Namespace) -> None:
                 g = await run_level(f"gateway {name} @ {conc}", f"{url}/v1/chat/completions",
                                     headers, gw_models, conc, args.requests, args.max_tokens)
                 rows += [d, g]
+                print_table([d, g])
+                print_ratios(d, g)
         print()
         print_table(rows)
         print()
@@ -212,7 +214,12 @@ async def main_async(args: argparse.Namespace) -> None:
         proc.wait(60)
 
 
+def _interrupt(*_args: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)  # a timeout or kill still stops the server
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     p.add_argument("--requests", type=int, default=32, help="requests per workload and level")
