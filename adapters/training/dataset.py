@@ -106,7 +106,11 @@ def validate_jsonl(data: bytes, *, tokenizer: Any = None, max_tokens: int | None
                           f"line {fmt_line}); one file must use one format")
             continue
         if tokenizer is not None and max_tokens is not None:
-            length = count_tokens(tokenizer, to_messages(example))
+            try:
+                length = count_tokens(tokenizer, to_messages(example))
+            except Exception as exc:  # noqa: BLE001 - jinja raises for what a template refuses
+                error(number, f"the chat template refuses this conversation: {exc}")
+                continue
             if length > max_tokens:
                 error(number, f"is {length} tokens long with the chat template, over the "
                               f"context length of {max_tokens}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import socket
 import threading
@@ -40,12 +41,13 @@ class Worker:
     def __init__(self, jobs: JobStore, registry: Registry, store: AdapterStore,
                  base_model: Path, base_info: BaseModelInfo, limits: AdapterLimits,
                  model_name: str, work_root: Path, *, lease_s: float = 30.0,
-                 poll_s: float = 2.0, worker_id: str | None = None) -> None:
+                 poll_s: float = 2.0, worker_id: str | None = None, threads: int = 0) -> None:
         self.jobs, self.registry, self.store = jobs, registry, store
         self.base_model, self.base_info, self.limits = base_model, base_info, limits
         self.model_name = model_name
         self.work_root = work_root
         self.lease_s, self.poll_s = lease_s, poll_s
+        self.threads = threads or max(1, (os.cpu_count() or 2) // 2)  # the engine needs CPU too
         self.worker_id = worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
 
     async def run_forever(self, stop: asyncio.Event) -> None:
@@ -131,6 +133,9 @@ class Worker:
         def on_progress(p: Any) -> None:  # called from the training thread
             asyncio.run_coroutine_threadsafe(self._progress(job.id, p, config), loop)
 
+        import torch
+
+        torch.set_num_threads(self.threads)
         result = await asyncio.to_thread(train, self.base_model, examples, config, work_dir,
                                          on_progress=on_progress,
                                          should_stop=stop_training.is_set)
@@ -175,6 +180,7 @@ class Worker:
             await self.jobs.add_event(
                 job_id, f"Step {p.step}/{p.total_steps}: training loss={p.loss:.4f}",
                 type_="metrics", data=data)
-        if p.step % config.checkpoint_every_steps == 0:
+        # The trainer saves a checkpoint every N steps, except at the end (the adapter is saved).
+        if p.step % config.checkpoint_every_steps == 0 and p.step < p.total_steps:
             await self.jobs.add_checkpoint(job_id, p.step, {"train_loss": p.loss})
         await self.jobs.update_job(job_id, result={"progress": p.step / max(p.total_steps, 1)})
