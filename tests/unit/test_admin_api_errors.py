@@ -4,7 +4,6 @@ nothing half-written behind."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
 
