@@ -29,13 +29,6 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _aware(value: datetime | None) -> datetime | None:
-    # SQLite hands datetimes back naive; they were written in UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value
-
-
 class JobStore:
     def __init__(self, registry: Registry, files_dir: Path) -> None:
         self.registry = registry
@@ -174,15 +167,16 @@ class JobStore:
                     (FineTuneJob.status == "running") & (FineTuneJob.lease_expires_at < now)))
                 .order_by(FineTuneJob.created_at).limit(5))).all()
             for job in candidates:
+                was, attempts = job.status, job.attempts  # the update refreshes `job`
                 # Compare-and-set on what we read: only one worker's update matches.
                 result = await s.execute(
                     update(FineTuneJob).where(
-                        FineTuneJob.id == job.id, FineTuneJob.status == job.status,
-                        FineTuneJob.attempts == job.attempts)
-                    .values(status="running", worker_id=worker_id, attempts=job.attempts + 1,
+                        FineTuneJob.id == job.id, FineTuneJob.status == was,
+                        FineTuneJob.attempts == attempts)
+                    .values(status="running", worker_id=worker_id, attempts=attempts + 1,
                             lease_expires_at=now + timedelta(seconds=lease_s)))
                 if result.rowcount == 1:
-                    resumed = job.status == "running"
+                    resumed = was == "running"
                     s.add(JobEvent(job_id=job.id, message=(
                         f"Job resumed by worker {worker_id} (previous worker lost its lease)"
                         if resumed else f"Job started by worker {worker_id}")))

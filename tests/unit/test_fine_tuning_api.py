@@ -150,6 +150,8 @@ async def test_two_workers_never_claim_one_job(queue) -> None:
     claimed = await asyncio.gather(*(jobs.claim(f"w{i}", 30) for i in range(6)))
     winners = [c for c in claimed if c is not None]
     assert len(winners) == 1 and winners[0].id == job.id and winners[0].status == "running"
+    events, _ = await jobs.list_events("acme", job.id, None, 10)
+    assert events[0].message.startswith("Job started by worker")
 
 
 async def test_expired_lease_is_taken_over_and_old_worker_stops(queue) -> None:
@@ -162,6 +164,8 @@ async def test_expired_lease_is_taken_over_and_old_worker_stops(queue) -> None:
             lease_expires_at=datetime.now(timezone.utc) - timedelta(seconds=1)))
     taken = await jobs.claim("w2", 30)
     assert taken is not None and taken.worker_id == "w2" and taken.attempts == 2
+    events, _ = await jobs.list_events("acme", job.id, None, 10)
+    assert events[0].message.startswith("Job resumed by worker w2")
     assert await jobs.renew(job.id, "w1", 30) is False  # w1 learns it lost the job
     assert await jobs.finish(job.id, "w1", "succeeded", "late") is False
     assert await jobs.finish(job.id, "w2", "succeeded", "done") is True
