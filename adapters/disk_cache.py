@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.errors import InvalidInput
+from adapters.store import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -248,9 +249,9 @@ def _seal(tmp: Path) -> int:
     """Mark a filled folder complete (durably) and return its size."""
     for path in tmp.rglob("*"):
         if path.is_file():
-            _fsync(path)
+            fsync_path(path)
     (tmp / COMPLETE_MARKER).write_bytes(b"")
-    _fsync(tmp / COMPLETE_MARKER)
+    fsync_path(tmp / COMPLETE_MARKER)
     return _folder_size(tmp)
 
 
@@ -299,11 +300,3 @@ def _scan(root: Path) -> list[tuple[str, int, float]]:
             key = here.relative_to(root).as_posix()
             found.append((key, _folder_size(here), (here / COMPLETE_MARKER).stat().st_mtime))
     return found
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

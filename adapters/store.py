@@ -119,9 +119,9 @@ class LocalStore(AdapterStore):
         try:
             for name in manifest.files:
                 shutil.copyfile(folder / name, staging / name)
-                _fsync(staging / name)
+                fsync_path(staging / name)
             (staging / MANIFEST_FILE).write_text(manifest.to_json())
-            _fsync(staging / MANIFEST_FILE)
+            fsync_path(staging / MANIFEST_FILE)
             bad = verify_folder(staging, manifest)
             if bad:
                 raise AdapterInvalid([f"{name} changed while it was being stored" for name in bad])
@@ -137,7 +137,8 @@ class LocalStore(AdapterStore):
         await asyncio.to_thread(shutil.rmtree, self.root / key, True)
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file to disk before it is renamed into place (a crash leaves no torn file)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

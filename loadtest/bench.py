@@ -106,11 +106,13 @@ async def run_level(label: str, url: str, headers: dict[str, str], models: list[
                    pct([s.latency for s in samples], 0.5), pct([s.latency for s in samples], 0.99))
 
 
-def start_server(home: Path, model: Path, port: int, slots: int) -> subprocess.Popen[bytes]:
+def start_server(home: Path, model: Path, port: int, slots: int,
+                 **extra_env: str) -> subprocess.Popen[bytes]:
+    """`loraplex up` on loopback with a temporary data folder and no training worker."""
     env = dict(os.environ, LORAPLEX_HOME=str(home), LORAPLEX_PORT=str(port),
                LORAPLEX_ADMIN_TOKEN=ADMIN, LORAPLEX_MODEL_PATH=str(model),
                LORAPLEX_MAX_LORAS=str(min(slots, 4)),
-               LORAPLEX_MAX_RESIDENT_ADAPTERS=str(slots))
+               LORAPLEX_MAX_RESIDENT_ADAPTERS=str(slots), LORAPLEX_WORKERS="0", **extra_env)
     log = (home / "gateway.log").open("wb")
     return subprocess.Popen([str(Path(sys.executable).parent / "loraplex"), "up"], env=env,
                             stdout=log, stderr=subprocess.STDOUT)
@@ -128,6 +130,14 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 900) 
             pass
         time.sleep(0.25)
     raise RuntimeError("server not healthy in time")
+
+
+def bench_tenant(url: str) -> tuple[httpx.Client, dict[str, str]]:
+    """An admin client and the headers of a fresh tenant `bench`."""
+    admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=120)
+    admin.post("/admin/tenants", json={"id": "bench"}).raise_for_status()
+    key = admin.post("/admin/tenants/bench/keys", json={}).json()["key"]
+    return admin, {"X-Tenant-ID": "bench", "Authorization": f"Bearer {key}"}
 
 
 def print_table(rows: list[Summary]) -> None:
@@ -155,11 +165,7 @@ async def main_async(args: argparse.Namespace) -> None:
     try:
         ready_s = wait_healthy(url, proc)
         print(f"engine start (loraplex up -> /healthz 200): {ready_s:.1f} s")
-        admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"},
-                             timeout=120)
-        admin.post("/admin/tenants", json={"id": "bench"}).raise_for_status()
-        key = admin.post("/admin/tenants/bench/keys", json={}).json()["key"]
-        headers = {"X-Tenant-ID": "bench", "Authorization": f"Bearer {key}"}
+        admin, headers = bench_tenant(url)
         n_adapters = max(1, args.adapters)
         folders = make_random_adapters(model, home / "made", n_adapters + 1, rank=8,
                                        base_model_name=DEFAULT_MODEL_NAME)

@@ -20,7 +20,6 @@ import asyncio
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from bench import ADMIN, one_stream, wait_healthy  # noqa: E402
+from bench import bench_tenant, one_stream, start_server, wait_healthy  # noqa: E402
 
 from adapters.base_model import ensure_default_model  # noqa: E402
 from adapters.synthetic import make_random_adapters  # noqa: E402
@@ -56,23 +55,14 @@ async def main_async(args: argparse.Namespace) -> None:
         s3.client().create_bucket(Bucket="adapters")
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        env = dict(os.environ, LORAPLEX_HOME=str(home), LORAPLEX_PORT=str(port),
-                   LORAPLEX_ADMIN_TOKEN=ADMIN, LORAPLEX_MODEL_PATH=str(model),
-                   LORAPLEX_STORE="s3://adapters/bench", LORAPLEX_S3_ENDPOINT_URL=s3.endpoint_url,
-                   LORAPLEX_MAX_LORAS=str(min(args.slots, 4)),
-                   LORAPLEX_MAX_RESIDENT_ADAPTERS=str(args.slots), LORAPLEX_WORKERS="0",
-                   # A disk cache that holds a little more than the engine slots.
-                   LORAPLEX_CACHE_MAX_BYTES=str(max(size * (args.slots + 2), 1 << 20)))
-        with (home / "gateway.log").open("wb") as log:
-            proc = subprocess.Popen([str(Path(sys.executable).parent / "loraplex"), "up"],
-                                    env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = start_server(home, model, port, args.slots,
+                            LORAPLEX_STORE="s3://adapters/bench",
+                            LORAPLEX_S3_ENDPOINT_URL=s3.endpoint_url,
+                            # A disk cache that holds a little more than the engine slots.
+                            LORAPLEX_CACHE_MAX_BYTES=str(max(size * (args.slots + 2), 1 << 20)))
         try:
             print(f"engine start: {wait_healthy(url, proc):.1f} s; adapter size {size / 1e6:.1f} MB")
-            admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"},
-                                 timeout=120)
-            admin.post("/admin/tenants", json={"id": "bench"}).raise_for_status()
-            key = admin.post("/admin/tenants/bench/keys", json={}).json()["key"]
-            headers = {"X-Tenant-ID": "bench", "Authorization": f"Bearer {key}"}
+            admin, headers = bench_tenant(url)
             started = time.perf_counter()
             for i, folder in enumerate(folders):
                 files = {n: (n, (folder / n).read_bytes())
