@@ -59,6 +59,11 @@ class Metrics:
                                   "Requests waiting for an engine adapter slot", registry=r)
         self.engine_up = Gauge("loraplex_engine_up", "1 when the engine answers its health check",
                                registry=r)
+        self.training_jobs = Gauge("loraplex_training_jobs", "Fine-tuning jobs by status",
+                                   ["status"], registry=r)
+        self.training_progress = Gauge("loraplex_training_progress",
+                                       "Share of steps done, per running fine-tuning job "
+                                       "(only running jobs are reported)", ["job"], registry=r)
         self.engine_restarts = Counter("loraplex_engine_restarts",
                                        "Times the supervised engine was restarted", registry=r)
 

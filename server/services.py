@@ -19,7 +19,7 @@ from adapters.registry import Registry
 from adapters.residency import Residency
 from adapters.s3_store import S3Store, parse_s3_uri
 from adapters.store import AdapterStore, LocalStore
-from adapters.training.jobs import JobStore
+from adapters.training.jobs import STATUSES, JobStore
 from adapters.validation import AdapterLimits
 from server.admission import FairAdmission
 from server.auth import TenantAuth
@@ -32,6 +32,7 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 HEALTH_POLL_S = 2.0
+TRAINING_POLL_S = 10.0
 
 
 def read_or_create_secret(path: Path, make: str) -> str:
@@ -137,6 +138,7 @@ class Services:
             self._tasks.append(asyncio.create_task(
                 self.engine_process.supervise(on_restart=self.metrics.engine_restarts.inc)))
         self._tasks.append(asyncio.create_task(self._watch_engine()))
+        self._tasks.append(asyncio.create_task(self._watch_training()))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -178,6 +180,21 @@ class Services:
             if healthy:
                 self.engine_ready_event.set()
             await asyncio.sleep(HEALTH_POLL_S)
+
+    async def _watch_training(self) -> None:
+        """Refresh the training-job gauges (jobs live in the database, workers elsewhere)."""
+        m = self.metrics
+        while True:
+            try:
+                counts, progress = await self.jobs.status_counts()
+                for status in STATUSES:
+                    m.training_jobs.labels(status).set(counts.get(status, 0))
+                m.training_progress.clear()  # only running jobs: bounded cardinality
+                for job_id, share in progress.items():
+                    m.training_progress.labels(job_id).set(share)
+            except Exception:  # noqa: BLE001 - metrics must never take the gateway down
+                log.warning("could not refresh training metrics", exc_info=True)
+            await asyncio.sleep(TRAINING_POLL_S)
 
     async def _on_engine_up(self) -> None:
         # Whatever was loaded before is unknown to this gateway (a restart of either side).

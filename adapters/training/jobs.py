@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 
 from adapters.errors import Conflict, InvalidInput, NotFound
 from adapters.registry import Registry
@@ -23,6 +23,7 @@ from adapters.registry.models import FineTuneJob, JobCheckpoint, JobEvent, Train
 
 ACTIVE = ("validating_files", "queued", "running")
 FINAL = ("succeeded", "failed", "cancelled")
+STATUSES = ACTIVE + FINAL
 
 
 def _now() -> datetime:
@@ -154,6 +155,17 @@ class JobStore:
         async with self.registry.transaction() as s:
             return list((await s.scalars(select(JobCheckpoint).where(
                 JobCheckpoint.job_id == job_id).order_by(JobCheckpoint.step.desc()))).all())
+
+    async def status_counts(self) -> tuple[dict[str, int], dict[str, float]]:
+        """Jobs per status, and the progress of each running job (for metrics)."""
+        async with self.registry.transaction() as s:
+            counts = dict((await s.execute(
+                select(FineTuneJob.status, func.count()).group_by(FineTuneJob.status))).all())
+            running = (await s.execute(select(FineTuneJob.id, FineTuneJob.result).where(
+                FineTuneJob.status == "running"))).all()
+        progress = {job_id: float((result or {}).get("progress", 0.0))
+                    for job_id, result in running}
+        return counts, progress
 
     # -- workers -------------------------------------------------------------------------------
 

@@ -160,12 +160,13 @@ def upload_adapter(server: Server, tenant: str, name: str, folder: Path) -> dict
     return r.json()
 
 
-def engine_metric(engine_url: str, name: str, **labels: str) -> float:
-    """Sum of a vLLM Prometheus metric's samples whose labels include `labels`."""
+def scrape_metric(base_url: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` at `base_url`/metrics whose labels include `labels`
+    (the engine's own metrics, or the gateway's)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     total = 0.0
-    for family in text_string_to_metric_families(httpx.get(f"{engine_url}/metrics").text):
+    for family in text_string_to_metric_families(httpx.get(f"{base_url}/metrics").text):
         for sample in family.samples:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value

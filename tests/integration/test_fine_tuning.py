@@ -13,7 +13,7 @@ import openai
 import psutil
 import pytest
 
-from tests.integration.conftest import BASE, Server, TenantHandle, make_tenant
+from tests.integration.conftest import BASE, Server, TenantHandle, scrape_metric, make_tenant
 
 pytestmark = pytest.mark.integration
 
@@ -89,7 +89,11 @@ def test_fine_tune_job_trains_registers_and_serves(server: Server, trainer: Tena
     events = [e.message for e in trainer.client.fine_tuning.jobs.list_events(job.id, limit=100)]
     assert any(m.startswith("Step ") for m in events)
     assert any("Held-out loss" in m for m in events)
-    assert trainer.client.fine_tuning.jobs.list_checkpoints(job.id).data
+    assert trainer.client.fine_tuning.jobs.checkpoints.list(job.id).data
+    deadline = time.monotonic() + 30  # the gateway refreshes job gauges every 10 s
+    while scrape_metric(server.url, "loraplex_training_jobs", status="succeeded") < 1:
+        assert time.monotonic() < deadline, "loraplex_training_jobs never counted the job"
+        time.sleep(1)
 
 
 def test_gateway_output_matches_peft_generate(server: Server, trainer: TenantHandle,
@@ -156,7 +160,7 @@ def test_killed_worker_job_resumes_from_checkpoint(server: Server, trainer: Tena
     job_id = create_job(trainer, "resumed", epochs=6)
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:  # wait for a checkpoint to exist
-        if trainer.client.fine_tuning.jobs.list_checkpoints(job_id).data:
+        if trainer.client.fine_tuning.jobs.checkpoints.list(job_id).data:
             break
         time.sleep(1)
     workers = [p for p in psutil.Process(server.proc.pid).children()

@@ -17,6 +17,7 @@ from tests.integration.conftest import (
     TenantHandle,
     make_tenant,
     running_server,
+    scrape_metric,
     upload_adapter,
 )
 from tests.s3_server import DUMMY_ENV, MotoS3Server
@@ -88,8 +89,7 @@ def register_source(env: S3Env, name: str, uri: str) -> httpx.Response:
 
 
 def gateway_metric(server: Server, name: str, **labels: str) -> float:
-    from tests.integration.conftest import engine_metric
-    return engine_metric(server.url, name, **labels)
+    return scrape_metric(server.url, name, **labels)
 
 
 def test_register_from_s3_and_serve(s3env: S3Env, tenant: TenantHandle,

@@ -17,7 +17,7 @@ from tests.integration.conftest import (
     RESIDENT_SLOTS,
     Server,
     TenantHandle,
-    engine_metric,
+    scrape_metric,
     make_tenant,
     upload_adapter,
 )
@@ -174,9 +174,9 @@ def test_cache_salt_keeps_prefix_cache_per_tenant(server: Server, acme: TenantHa
     prompt = [{"role": "user", "content": "Summarize this. " + "The quick brown fox. " * 60}]
 
     def hits_after(tenant: TenantHandle) -> float:
-        before = engine_metric(engine, "vllm:prefix_cache_hits_total")
+        before = scrape_metric(engine, "vllm:prefix_cache_hits_total")
         greedy(tenant, BASE, messages=prompt, max_tokens=1)
-        return engine_metric(engine, "vllm:prefix_cache_hits_total") - before
+        return scrape_metric(engine, "vllm:prefix_cache_hits_total") - before
 
     hits_after(acme)  # fills the cache with acme's blocks
     assert hits_after(acme) > 0, "the same tenant should reuse its own prefix"
@@ -187,7 +187,7 @@ def test_cache_salt_keeps_prefix_cache_per_tenant(server: Server, acme: TenantHa
 def test_client_disconnect_aborts_the_engine_request(server: Server, acme: TenantHandle,
                                                       stream: bool) -> None:
     engine = server.engine_url()
-    tokens_before = engine_metric(engine, "vllm:generation_tokens_total")
+    tokens_before = scrape_metric(engine, "vllm:generation_tokens_total")
     # 1500 forced tokens take the CPU engine a minute; an abort ends the request in seconds.
     body = {"model": BASE, "messages": QUESTION, "max_tokens": 1500, "stream": stream,
             "ignore_eos": True}
@@ -204,10 +204,10 @@ def test_client_disconnect_aborts_the_engine_request(server: Server, acme: Tenan
             httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=headers,
                        timeout=3)
     deadline = time.monotonic() + 15
-    while engine_metric(engine, "vllm:num_requests_running") > 0 and time.monotonic() < deadline:
+    while scrape_metric(engine, "vllm:num_requests_running") > 0 and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert engine_metric(engine, "vllm:num_requests_running") == 0
-    assert engine_metric(engine, "vllm:generation_tokens_total") - tokens_before < 1500
+    assert scrape_metric(engine, "vllm:num_requests_running") == 0
+    assert scrape_metric(engine, "vllm:generation_tokens_total") - tokens_before < 1500
 
 
 def test_engine_internal_routes_are_not_exposed(server: Server, acme: TenantHandle) -> None:
