@@ -13,7 +13,7 @@ import openai
 import psutil
 import pytest
 
-from tests.integration.conftest import BASE, Server, TenantHandle, scrape_metric, make_tenant
+from tests.integration.conftest import BASE, Server, TenantHandle, make_tenant, scrape_metric
 
 pytestmark = pytest.mark.integration
 

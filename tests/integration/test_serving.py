@@ -17,8 +17,8 @@ from tests.integration.conftest import (
     RESIDENT_SLOTS,
     Server,
     TenantHandle,
-    scrape_metric,
     make_tenant,
+    scrape_metric,
     upload_adapter,
 )
 
