@@ -5,6 +5,7 @@ answer as the tenant called it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -18,12 +19,12 @@ from cachetools import TTLCache
 
 from adapters.errors import InvalidInput, NotFound
 from adapters.names import parse_model_ref
-from adapters.registry import AdapterVersion, Registry
+from adapters.registry import AdapterVersion, Registry, timestamp
 from adapters.residency import Residency
 from adapters.store import AdapterStore
 from server.admission import FairAdmission
 from server.engine.client import EngineClient
-from server.protocol import _GenerationRequest
+from server.protocol import GenerationRequest
 from server.request_log import RequestRecord
 
 # Resolution is cached briefly per gateway: admin changes made here clear it at once, changes
@@ -87,14 +88,14 @@ class Gateway:
 
     def _hold(self, target: Target):  # type: ignore[no-untyped-def]
         if target.version is None:
-            return _nothing()
+            return contextlib.nullcontext()
         return self.residency.use(target.engine_name, *self._checkout(target.version.store_key))
 
     async def pin(self, version: AdapterVersion) -> None:
         """Load a version now and keep it resident (preloaded adapters)."""
         await self.residency.pin(version.engine_name, *self._checkout(version.store_key))
 
-    async def complete(self, tenant: str, path: str, req: _GenerationRequest,
+    async def complete(self, tenant: str, path: str, req: GenerationRequest,
                        record: RequestRecord) -> dict[str, Any]:
         target = await self.resolve(tenant, req.model)
         _describe(record, req, target)
@@ -105,7 +106,7 @@ class Gateway:
         _count_usage(record, answer.get("usage"))
         return answer
 
-    async def stream(self, tenant: str, path: str, req: _GenerationRequest,
+    async def stream(self, tenant: str, path: str, req: GenerationRequest,
                      record: RequestRecord) -> AsyncIterator[bytes]:
         """Server-sent events, as the engine sends them but naming the tenant's model.
 
@@ -158,7 +159,7 @@ class Gateway:
         for adapter in await self.registry.list_adapters(tenant):
             if not adapter.versions:
                 continue
-            created = _ts(adapter.versions[-1].created_at)
+            created = timestamp(adapter.versions[-1].created_at)
             ids = [adapter.name]
             ids += [f"{adapter.name}@{v.version}" for v in adapter.versions]
             ids += [f"{adapter.name}@{a.alias}" for a in adapter.aliases]
@@ -174,7 +175,7 @@ _CHOICES = '"choices":[{'
 _ROLE_ONLY = '"delta":{"role":"assistant","content":""}'
 
 
-def _describe(record: RequestRecord, req: _GenerationRequest, target: Target) -> None:
+def _describe(record: RequestRecord, req: GenerationRequest, target: Target) -> None:
     record.model = req.model
     record.stream = req.stream
     record.adapter = target.adapter
@@ -184,18 +185,3 @@ def _count_usage(record: RequestRecord, usage: dict[str, Any] | None) -> None:
     if usage:
         record.prompt_tokens = usage.get("prompt_tokens")
         record.completion_tokens = usage.get("completion_tokens")
-
-
-class _nothing:
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-
-def _ts(value) -> int:  # type: ignore[no-untyped-def]
-    from datetime import timezone
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return int(value.timestamp())

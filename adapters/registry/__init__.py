@@ -11,7 +11,7 @@ import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 
 from sqlalchemy import event, select
 from sqlalchemy.exc import IntegrityError
@@ -329,5 +329,7 @@ def _deleted(versions: list[AdapterVersion] | tuple) -> DeletedVersions:  # type
 
 
 def timestamp(value: datetime) -> int:
-    """Unix seconds, as OpenAI objects carry them."""
+    """Unix seconds, as OpenAI objects carry them (SQLite gives back naive UTC datetimes)."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
     return int(value.timestamp())

@@ -16,7 +16,14 @@ from starlette.datastructures import UploadFile
 
 from adapters.errors import AdapterInvalid, Forbidden, InvalidInput
 from adapters.registration import register_version
-from adapters.registry import Adapter, AdapterVersion, ApiKey, DeletedVersions, Tenant
+from adapters.registry import (
+    Adapter,
+    AdapterVersion,
+    ApiKey,
+    DeletedVersions,
+    Tenant,
+    timestamp,
+)
 from adapters.s3_store import S3Store
 from adapters.validation import (
     ADAPTER_FILES,
@@ -25,7 +32,6 @@ from adapters.validation import (
     check_file_names,
 )
 from server.deps import AdminDep, ServicesDep, parse_json
-from server.gateway import _ts
 from server.services import Services
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
@@ -294,13 +300,13 @@ async def _copy_from_source(services: Services, body: VersionSource, folder: Pat
 
 
 def _tenant(t: Tenant) -> dict[str, Any]:
-    return {"id": t.id, "object": "tenant", "created_at": _ts(t.created_at)}
+    return {"id": t.id, "object": "tenant", "created_at": timestamp(t.created_at)}
 
 
 def _key(k: ApiKey) -> dict[str, Any]:
     return {"id": k.id, "object": "api_key", "tenant": k.tenant_id, "name": k.name,
-            "prefix": k.prefix, "created_at": _ts(k.created_at),
-            "revoked_at": _ts(k.revoked_at) if k.revoked_at else None}
+            "prefix": k.prefix, "created_at": timestamp(k.created_at),
+            "revoked_at": timestamp(k.revoked_at) if k.revoked_at else None}
 
 
 def _version(v: AdapterVersion, tenant: str, name: str) -> dict[str, Any]:
@@ -309,13 +315,13 @@ def _version(v: AdapterVersion, tenant: str, name: str) -> dict[str, Any]:
             "store_key": v.store_key, "rank": v.rank,
             "alpha": v.alpha, "target_modules": v.target_modules, "base_model": v.base_model,
             "size_bytes": v.size_bytes, "sha256": v.sha256, "source": v.source,
-            "pinned": v.pinned, "created_at": _ts(v.created_at),
+            "pinned": v.pinned, "created_at": timestamp(v.created_at),
             "warnings": (v.meta or {}).get("warnings", [])}
 
 
 def _adapter(a: Adapter, tenant: str) -> dict[str, Any]:
     return {"object": "adapter", "tenant": tenant, "name": a.name,
-            "created_at": _ts(a.created_at),
+            "created_at": timestamp(a.created_at),
             "latest_version": a.versions[-1].version if a.versions else None,
             "versions": [_version(v, tenant, a.name) for v in a.versions],
             "aliases": {al.alias: al.version for al in a.aliases}}

@@ -15,11 +15,11 @@ from starlette.datastructures import UploadFile
 
 from adapters.errors import InvalidInput
 from adapters.names import check_name
+from adapters.registry import timestamp
 from adapters.registry.models import FineTuneJob, JobCheckpoint, JobEvent, TrainingFile
 from adapters.training.dataset import validate_jsonl
 from adapters.training.jobs import check_purpose
 from server.deps import ServicesDep, TenantDep, parse_json
-from server.gateway import _ts
 
 router = APIRouter(prefix="/v1", tags=["fine-tuning"])
 
@@ -210,15 +210,15 @@ def _raise_for_report(report: Any, param: str) -> None:
 
 
 def _file(f: TrainingFile) -> dict[str, Any]:
-    return {"id": f.id, "object": "file", "bytes": f.bytes, "created_at": _ts(f.created_at),
+    return {"id": f.id, "object": "file", "bytes": f.bytes, "created_at": timestamp(f.created_at),
             "filename": f.filename, "purpose": f.purpose, "status": "processed",
             "status_details": None}
 
 
 def _job(j: FineTuneJob) -> dict[str, Any]:
     return {
-        "id": j.id, "object": "fine_tuning.job", "created_at": _ts(j.created_at),
-        "finished_at": _ts(j.finished_at) if j.finished_at else None,
+        "id": j.id, "object": "fine_tuning.job", "created_at": timestamp(j.created_at),
+        "finished_at": timestamp(j.finished_at) if j.finished_at else None,
         "model": j.model, "fine_tuned_model": j.fine_tuned_model, "organization_id": j.tenant_id,
         "status": j.status, "training_file": j.training_file,
         "validation_file": j.validation_file, "hyperparameters": j.hyperparameters,
@@ -232,12 +232,12 @@ def _job(j: FineTuneJob) -> dict[str, Any]:
 
 def _event(e: JobEvent) -> dict[str, Any]:
     return {"id": f"ftevent-{e.id}", "object": "fine_tuning.job.event",
-            "created_at": _ts(e.created_at), "level": e.level, "message": e.message,
+            "created_at": timestamp(e.created_at), "level": e.level, "message": e.message,
             "data": e.data or {}, "type": e.type}
 
 
 def _checkpoint(c: JobCheckpoint, job: FineTuneJob) -> dict[str, Any]:
     return {"id": f"ftckpt-{job.id.removeprefix('ftjob-')}-{c.step}",
-            "object": "fine_tuning.job.checkpoint", "created_at": _ts(c.created_at),
+            "object": "fine_tuning.job.checkpoint", "created_at": timestamp(c.created_at),
             "fine_tuning_job_id": job.id, "step_number": c.step, "metrics": c.metrics,
             "fine_tuned_model_checkpoint": None}

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from adapters.errors import NotFound, Unavailable
 from server.deps import ServicesDep, TenantDep, parse_json
-from server.protocol import ChatCompletionRequest, CompletionRequest, _GenerationRequest
+from server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from server.services import Services
 
 router = APIRouter(prefix="/v1", tags=["tenant"])
@@ -44,7 +44,7 @@ async def retrieve_model(model: str, tenant: TenantDep, services: ServicesDep) -
 
 
 async def _generate(request: Request, services: Services, tenant: str, path: str,
-                    req: _GenerationRequest) -> Response:
+                    req: GenerationRequest) -> Response:
     if not services.engine_ready:
         raise Unavailable("the inference engine is not ready", code="engine_unavailable",
                           retry_after_s=5)
