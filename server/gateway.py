@@ -86,7 +86,8 @@ class Gateway:
 
         return fetch, lambda: self.store.release(key)
 
-    def _hold(self, target: Target):  # type: ignore[no-untyped-def]
+    def _hold(self, target: Target) -> contextlib.AbstractAsyncContextManager[Any]:
+        """Keep the target's adapter loaded in the engine for the request (nothing for base)."""
         if target.version is None:
             return contextlib.nullcontext()
         return self.residency.use(target.engine_name, *self._checkout(target.version.store_key))
