@@ -161,7 +161,13 @@ async def main_async(args: argparse.Namespace) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     slots = max(2, args.slots)
-    proc = start_server(home, model, port, slots)
+    extra, fake = {}, None
+    if args.engine == "fake":  # the gateway's own cost, without the CPU engine's noise
+        fake_port = free_port()
+        fake = subprocess.Popen([sys.executable, str(REPO / "loadtest" / "fake_engine.py"),
+                                 "--port", str(fake_port), "--gap-ms", str(args.gap_ms)])
+        extra["LORAPLEX_ENGINE_URL"] = f"http://127.0.0.1:{fake_port}"
+    proc = start_server(home, model, port, slots, **extra)
     try:
         ready_s = wait_healthy(url, proc)
         print(f"engine start (loraplex up -> /healthz 200): {ready_s:.1f} s")
@@ -218,6 +224,8 @@ async def main_async(args: argparse.Namespace) -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(60)
+        if fake is not None:
+            fake.terminate()
 
 
 def _interrupt(*_args: object) -> None:
@@ -233,6 +241,9 @@ def main() -> None:
     p.add_argument("--adapters", type=int, default=0,
                    help="also run a workload spread over this many adapters")
     p.add_argument("--slots", type=int, default=8, help="LORAPLEX_MAX_RESIDENT_ADAPTERS")
+    p.add_argument("--engine", choices=["vllm", "fake"], default="vllm",
+                   help="fake: loadtest/fake_engine.py, streaming at a fixed pace (gateway cost only)")
+    p.add_argument("--gap-ms", type=float, default=20.0, help="fake engine: ms between tokens")
     asyncio.run(main_async(p.parse_args()))
 
 
