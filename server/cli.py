@@ -44,7 +44,7 @@ def _up(settings: Settings) -> int:
     console.print(f"""[bold green]loraplex[/] gateway on {base}, engine: {engine}
 Data folder: {settings.home}
 Admin token: [bold]{services.admin_token}[/]  (set LORAPLEX_ADMIN_TOKEN to choose it)
-GET {base}/healthz answers 200 once the engine is ready (about 30 s on a CPU).
+GET {base}/healthz answers 200 once the engine is ready (about a minute on a CPU).
 
 Try it:
   export ADMIN={services.admin_token}
@@ -55,7 +55,7 @@ Try it:
        -H 'Content-Type: application/json' \\
        -d '{{"model":"{settings.model_name}",
             "messages":[{{"role":"user","content":"What is the capital of France?"}}]}}'
-""")
+""", soft_wrap=True)  # no wrapping: the example must survive copy-paste
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                             timeout_graceful_shutdown=10, access_log=False)
     workers = [_spawn_worker(settings, model_path, i) for i in range(settings.workers)]
