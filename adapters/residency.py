@@ -215,9 +215,6 @@ class Residency:
             async with self._changed:
                 self._changed.notify_all()
 
-    def is_pinned(self, engine_name: str) -> bool:
-        return engine_name in self._pinned
-
     async def retire(self, engine_name: str) -> None:
         """Unload an adapter that was deleted, once no request holds it."""
         await self.unpin(engine_name)

@@ -86,7 +86,6 @@ class Services:
     engine_process: EngineProcess | None = None
     _tokenizer: Any = None
     engine_ready: bool = False
-    engine_ready_event: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _background: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -174,11 +173,8 @@ class Services:
                 await self._on_engine_up()
             if not healthy and self.engine_ready:
                 log.warning("engine is down")
-                self.engine_ready_event.clear()
             self.engine_ready = healthy
             self.metrics.engine_up.set(1 if healthy else 0)
-            if healthy:
-                self.engine_ready_event.set()
             await asyncio.sleep(HEALTH_POLL_S)
 
     async def _watch_training(self) -> None:

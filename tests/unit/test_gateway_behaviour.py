@@ -8,6 +8,7 @@ import json
 import pytest
 
 from adapters.registry import hash_key
+from tests.unit.conftest import wait_until
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -315,23 +316,16 @@ async def test_engine_restart_clears_leftovers_and_reloads(gw, make_adapter):
     version = await gw.register("acme", "support", make_adapter())
     assert (await gw.chat("acme", key, "support")).status_code == 200
     gw.engine.healthy = False
-    await _wait(lambda: not gw.services.engine_ready)
+    await wait_until(lambda: not gw.services.engine_ready, "the engine to be seen down")
     # The engine comes back with an adapter this gateway did not load (and without ours).
     gw.engine.loaded = {"left-over": "/somewhere"}
     gw.engine.healthy = True
-    await _wait(lambda: gw.services.engine_ready)
+    await wait_until(lambda: gw.services.engine_ready, "the engine to be seen up")
     assert "left-over" in gw.engine.unload_calls
     assert gw.engine.loaded == {}
     assert (await gw.chat("acme", key, "support")).status_code == 200
     assert [c["lora_name"] for c in gw.engine.load_calls] == [version["engine_name"]] * 2
 
-
-async def _wait(predicate):
-    for _ in range(1000):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition never held")
 
 
 # -- keys and listings ---------------------------------------------------------------------------

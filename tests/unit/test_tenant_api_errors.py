@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from tests.unit.conftest import wait_until
+
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -268,14 +270,14 @@ async def test_engine_unreachable_while_loading_adapter_is_503(gw, make_adapter)
 async def test_engine_unhealthy_is_503_then_recovers(gw):
     key = await gw.new_tenant("acme")
     gw.engine.healthy = False
-    await _wait(lambda: not gw.services.engine_ready)
+    await wait_until(lambda: not gw.services.engine_ready, "the engine to be seen down")
     resp = await gw.chat("acme", key, BASE)
     gw.expect_error(resp, 503, code="engine_unavailable")
     assert resp.headers["retry-after"] == "5"
     gw.expect_error(await gw.client.get("/healthz"), 503)
     assert gw.engine.requests == []
     gw.engine.healthy = True
-    await _wait(lambda: gw.services.engine_ready)
+    await wait_until(lambda: gw.services.engine_ready, "the engine to be seen up")
     assert (await gw.chat("acme", key, BASE)).status_code == 200
     assert (await gw.client.get("/healthz")).json()["status"] == "ok"
 
@@ -288,15 +290,6 @@ async def test_engine_5xx_is_502_and_4xx_relayed(gw):
     err = gw.expect_error(await gw.chat("acme", key, BASE), 400, contains="injected")
     assert err["type"] == "invalid_request_error"
 
-
-async def _wait(predicate):
-    import asyncio
-
-    for _ in range(1000):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition never held")
 
 
 # -- routes the gateway does not have ------------------------------------------------------------
