@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import hmac
 
-from cachetools import TTLCache
-
 from adapters.errors import Forbidden, Unauthenticated
 from adapters.registry import Registry, hash_key
+from server.lookup_cache import LookupCache
 
 TENANT_HEADER = "x-tenant-id"
 # Key lookups are cached briefly; revocations made by this gateway clear the cache at once,
@@ -28,7 +27,7 @@ class TenantAuth:
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
         # Keyed by the key's hash, never by the key itself.
-        self._owners: TTLCache[str, str | None] = TTLCache(maxsize=100_000, ttl=KEY_CACHE_TTL_S)
+        self._owners: LookupCache[str, str | None] = LookupCache(KEY_CACHE_TTL_S)
 
     def forget(self) -> None:
         self._owners.clear()
@@ -38,12 +37,7 @@ class TenantAuth:
         key = bearer_token(authorization)
         if not tenant_header:
             raise Unauthenticated("missing X-Tenant-ID header", code="missing_tenant")
-        digest = hash_key(key)
-        if digest in self._owners:
-            owner = self._owners[digest]
-        else:
-            owner = await self._registry.tenant_for_key(key)
-            self._owners[digest] = owner
+        owner = await self._owners.get(hash_key(key), lambda: self._registry.tenant_for_key(key))
         if owner is None:
             raise Unauthenticated("invalid API key")
         if owner != tenant_header:

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cachetools import TTLCache
-
 from adapters.errors import InvalidInput, NotFound
 from adapters.names import parse_model_ref
 from adapters.registry import AdapterVersion, Registry, timestamp
@@ -24,6 +22,7 @@ from adapters.residency import Residency
 from adapters.store import AdapterStore
 from server.admission import FairAdmission
 from server.engine.client import EngineClient
+from server.lookup_cache import LookupCache
 from server.protocol import GenerationRequest
 from server.request_log import RequestRecord
 
@@ -54,8 +53,7 @@ class Gateway:
         self.engine = engine
         self.base_model_name = base_model_name
         self._salt_secret = salt_secret
-        self._resolved: TTLCache[tuple[str, str], Target] = TTLCache(maxsize=100_000,
-                                                                      ttl=RESOLVE_TTL_S)
+        self._resolved: LookupCache[tuple[str, str], Target] = LookupCache(RESOLVE_TTL_S)
 
     def cache_salt(self, tenant: str) -> str:
         """Keyed per-tenant salt: vLLM never shares prefix-cache blocks across tenants."""
@@ -67,18 +65,16 @@ class Gateway:
     async def resolve(self, tenant: str, model: str) -> Target:
         if model == self.base_model_name:
             return Target(self.base_model_name, None)
-        cached = self._resolved.get((tenant, model))
-        if cached is not None:
-            return cached
+        return await self._resolved.get((tenant, model), lambda: self._lookup(tenant, model))
+
+    async def _lookup(self, tenant: str, model: str) -> Target:
         try:
             ref = parse_model_ref(model)
         except InvalidInput as exc:
             raise NotFound(f"model {model!r} does not exist", param="model",
                            code="model_not_found") from exc
         version = await self.registry.resolve(tenant, ref)
-        target = Target(version.engine_name, version, ref.adapter)
-        self._resolved[(tenant, model)] = target
-        return target
+        return Target(version.engine_name, version, ref.adapter)
 
     def _checkout(self, key: str) -> tuple[Callable[[], Awaitable[Path]], Callable[[], None]]:
         async def fetch() -> Path:
@@ -123,35 +119,30 @@ class Gateway:
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         # Inside a JSON document an unescaped `"model":"<name>"` can only be the field itself,
         # so a byte replace is exact and cheaper than parsing every chunk.
-        needle = f'"model":{json.dumps(target.engine_name)}'
-        replacement = f'"model":{json.dumps(req.model)}'
+        needle = f'"model":{json.dumps(target.engine_name)}'.encode()
+        replacement = f'"model":{json.dumps(req.model)}'.encode()
         last_token_at: float | None = None
         async with (self.admission.admit(tenant), self._hold(target),
-                    self.engine.stream_lines(path, body) as lines):
+                    self.engine.stream_events(path, body) as bursts):
             yield b""  # primed: the engine accepted the request
-            event: list[str] = []
-            async for line in lines:
-                if line:
-                    event.append(line.replace(needle, replacement, 1))
-                    continue
-                if not event:
-                    continue
-                text = "\n".join(event)
-                event = []
-                if _USAGE_ONLY in text:
-                    _count_usage(record, json.loads(text[len("data: "):]).get("usage"))
-                    if not client_wants_usage:
-                        continue
-                elif _CHOICES in text and _ROLE_ONLY not in text:
-                    now = time.perf_counter()
-                    if last_token_at is None:
-                        record.ttft_s = now - started
-                    elif self.on_token_gap is not None:
-                        self.on_token_gap(now - last_token_at)
-                    last_token_at = now
-                yield (text + "\n\n").encode()
-            if event:
-                yield ("\n".join(event) + "\n\n").encode()
+            async for events in bursts:
+                out = []
+                for event in events:
+                    if _USAGE_ONLY in event:
+                        _count_usage(record, json.loads(event[len(b"data: "):]).get("usage"))
+                        if not client_wants_usage:
+                            continue
+                    elif _CHOICES in event and _ROLE_ONLY not in event:
+                        now = time.perf_counter()
+                        if last_token_at is None:
+                            record.ttft_s = now - started
+                        elif self.on_token_gap is not None:
+                            self.on_token_gap(now - last_token_at)
+                        last_token_at = now
+                    out.append(event.replace(needle, replacement, 1))
+                if out:
+                    # Events that arrived together leave together: one write, not one each.
+                    yield b"\n\n".join(out) + b"\n\n"
 
     async def models(self, tenant: str) -> list[dict[str, Any]]:
         """OpenAI model objects for what this tenant may call."""
@@ -171,9 +162,9 @@ class Gateway:
 
 
 # Byte patterns of vLLM's compact JSON chunks (pydantic model_dump_json, no spaces).
-_USAGE_ONLY = '"choices":[],'
-_CHOICES = '"choices":[{'
-_ROLE_ONLY = '"delta":{"role":"assistant","content":""}'
+_USAGE_ONLY = b'"choices":[],'
+_CHOICES = b'"choices":[{'
+_ROLE_ONLY = b'"delta":{"role":"assistant","content":""}'
 
 
 def _describe(record: RequestRecord, req: GenerationRequest, target: Target) -> None:

@@ -99,25 +99,41 @@ class EngineClient:
         return resp.json()  # type: ignore[no-any-return]
 
     @asynccontextmanager
-    async def stream_lines(self, path: str, body: dict[str, Any]) -> AsyncIterator[AsyncIterator[str]]:
-        """A streaming inference call: the status is checked before the first line is given,
-        and leaving the context closes the connection, which makes vLLM abort the request."""
+    async def stream_events(self, path: str,
+                            body: dict[str, Any]) -> AsyncIterator[AsyncIterator[list[bytes]]]:
+        """A streaming inference call, as server-sent events in the bursts they arrive in.
+
+        The status is checked before the first event is given, and leaving the context closes
+        the connection, which makes vLLM abort the request."""
+        # identity: the raw body is the event stream itself, never compressed.
+        request = self._http.build_request("POST", path, json=body,
+                                           headers={"Accept-Encoding": "identity"})
         try:
-            resp = await self._http.send(self._http.build_request("POST", path, json=body),
-                                         stream=True)
+            resp = await self._http.send(request, stream=True)
         except httpx.HTTPError as exc:
             raise _unavailable(exc) from exc
         try:
             if resp.status_code != 200:
                 raise EngineError(resp.status_code, await resp.aread())
-            yield _lines(resp)
+            yield _events(resp)
         finally:
             await resp.aclose()
 
 
-async def _lines(resp: httpx.Response) -> AsyncIterator[str]:
+async def _events(resp: httpx.Response) -> AsyncIterator[list[bytes]]:
+    """Complete events (without their blank-line terminator), a list per network read.
+
+    Whole events are passed on as bytes instead of being split into decoded lines: the
+    gateway's per-token cost is what the engine's token rate is multiplied by. vLLM ends every
+    event with a blank line ("\n\n").
+    """
+    pending = b""
     try:
-        async for line in resp.aiter_lines():
-            yield line
+        async for data in resp.aiter_raw():
+            *events, pending = (pending + data).split(b"\n\n")
+            if events:
+                yield events
     except httpx.HTTPError as exc:
         raise _unavailable(exc) from exc
+    if pending.strip():
+        yield [pending]
