@@ -9,7 +9,7 @@ include the engine start time, and then measures:
 
     .venv/bin/python loadtest/bench.py --concurrency 1 16 --requests 32 --max-tokens 64
 
-Traffic goes to loopback only, bounded by --requests per level.
+Traffic goes to loopback only, bounded by --requests per level and round.
 """
 
 from __future__ import annotations
@@ -88,8 +88,9 @@ async def one_stream(client: httpx.AsyncClient, url: str, headers: dict[str, str
     return Sample(ttft if ttft is not None else latency, latency, tokens)
 
 
-async def run_level(label: str, url: str, headers: dict[str, str], models: list[str],
-                    concurrency: int, requests: int, max_tokens: int) -> Summary:
+async def run_level(url: str, headers: dict[str, str], models: list[str], concurrency: int,
+                    requests: int, max_tokens: int) -> tuple[list[Sample], float]:
+    """`requests` streams, `concurrency` at a time (closed loop): the samples and the wall time."""
     samples: list[Sample] = []
     queue = list(range(requests))
     async with httpx.AsyncClient(timeout=600) as client:
@@ -101,9 +102,28 @@ async def run_level(label: str, url: str, headers: dict[str, str], models: list[
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
-    return Summary(label, len(samples), wall, sum(s.tokens for s in samples),
-                   pct([s.ttft for s in samples], 0.5), pct([s.ttft for s in samples], 0.99),
-                   pct([s.latency for s in samples], 0.5), pct([s.latency for s in samples], 0.99))
+    return samples, wall
+
+
+def summarize(label: str, runs: list[tuple[list[Sample], float]]) -> Summary:
+    samples = [s for run, _ in runs for s in run]
+    ttfts, lats = [s.ttft for s in samples], [s.latency for s in samples]
+    return Summary(label, len(samples), sum(wall for _, wall in runs),
+                   sum(s.tokens for s in samples), pct(ttfts, 0.5), pct(ttfts, 0.99),
+                   pct(lats, 0.5), pct(lats, 0.99))
+
+
+async def side_by_side(name: str, conc: int, direct: tuple[str, dict[str, str], list[str]],
+                       gateway: tuple[str, dict[str, str], list[str]],
+                       args: argparse.Namespace) -> tuple[Summary, Summary]:
+    """Direct and gateway runs alternate for `--rounds` rounds, so that drift in a shared,
+    noisy machine lands on both sides alike."""
+    d_runs, g_runs = [], []
+    for _ in range(args.rounds):
+        d_runs.append(await run_level(*direct, conc, args.requests, args.max_tokens))
+        g_runs.append(await run_level(*gateway, conc, args.requests, args.max_tokens))
+    return (summarize(f"direct  {name} @ {conc}", d_runs),
+            summarize(f"gateway {name} @ {conc}", g_runs))
 
 
 def start_server(home: Path, model: Path, port: int, slots: int,
@@ -209,10 +229,9 @@ async def main_async(args: argparse.Namespace) -> None:
                     await one_stream(c, f"{url}/v1/chat/completions", headers, n, 1)
         for conc in args.concurrency:
             for name, gw_models, direct_models in workloads:
-                d = await run_level(f"direct  {name} @ {conc}", f"{engine}/v1/chat/completions",
-                                    {}, direct_models, conc, args.requests, args.max_tokens)
-                g = await run_level(f"gateway {name} @ {conc}", f"{url}/v1/chat/completions",
-                                    headers, gw_models, conc, args.requests, args.max_tokens)
+                d, g = await side_by_side(
+                    name, conc, (f"{engine}/v1/chat/completions", {}, direct_models),
+                    (f"{url}/v1/chat/completions", headers, gw_models), args)
                 rows += [d, g]
                 print_table([d, g])
                 print_ratios(d, g)
@@ -236,7 +255,10 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _interrupt)  # a timeout or kill still stops the server
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--requests", type=int, default=32, help="requests per workload and level")
+    p.add_argument("--requests", type=int, default=32,
+                   help="requests per workload, level and round")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="alternate direct and gateway runs this many times (less drift)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--adapters", type=int, default=0,
                    help="also run a workload spread over this many adapters")

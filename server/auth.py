@@ -9,9 +9,10 @@ from adapters.registry import Registry, hash_key
 from server.lookup_cache import LookupCache
 
 TENANT_HEADER = "x-tenant-id"
-# Key lookups are cached briefly; revocations made by this gateway clear the cache at once,
-# those made by another gateway sharing the database apply within this many seconds.
-KEY_CACHE_TTL_S = 5.0
+# Key lookups are cached. Revocations made by this gateway clear the cache at once, those made
+# by another gateway sharing the database within a second (`Services._watch_registry`); the
+# TTL only bounds how long a gateway that cannot read the database keeps trusting its cache.
+KEY_CACHE_TTL_S = 60.0
 
 
 def bearer_token(authorization: str | None) -> str:

@@ -15,7 +15,9 @@ from server.services import Services
 M = TypeVar("M", bound=BaseModel)
 
 
-def get_services(request: Request) -> Services:
+# Dependencies are `async def` even when they do not await: FastAPI runs a plain `def`
+# dependency in a worker thread, a thread hop on every request.
+async def get_services(request: Request) -> Services:
     return request.app.state.services  # type: ignore[no-any-return]
 
 
@@ -33,7 +35,7 @@ async def current_tenant(
     return tenant
 
 
-def require_admin(services: ServicesDep,
+async def require_admin(services: ServicesDep,
                   authorization: Annotated[str | None, Header()] = None) -> None:
     check_admin(services.admin_token, authorization)
 

@@ -26,9 +26,9 @@ from server.lookup_cache import LookupCache
 from server.protocol import GenerationRequest
 from server.request_log import RequestRecord
 
-# Resolution is cached briefly per gateway: admin changes made here clear it at once, changes
-# made by another gateway sharing the database show within this many seconds.
-RESOLVE_TTL_S = 2.0
+# Resolution is cached per gateway: admin changes made here clear it at once, changes made by
+# another gateway or a training worker within a second (`Services._watch_registry`).
+RESOLVE_TTL_S = 60.0
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 HEALTH_POLL_S = 2.0
 TRAINING_POLL_S = 10.0
+# How often the registry generation is read: changes made by another gateway or by a training
+# worker (revoked keys, new versions, aliases, deletes) reach this gateway within this time.
+REGISTRY_POLL_S = 1.0
 
 
 def read_or_create_secret(path: Path, make: str) -> str:
@@ -138,6 +141,7 @@ class Services:
                 self.engine_process.supervise(on_restart=self.metrics.engine_restarts.inc)))
         self._tasks.append(asyncio.create_task(self._watch_engine()))
         self._tasks.append(asyncio.create_task(self._watch_training()))
+        self._tasks.append(asyncio.create_task(self._watch_registry()))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -176,6 +180,25 @@ class Services:
             self.engine_ready = healthy
             self.metrics.engine_up.set(1 if healthy else 0)
             await asyncio.sleep(HEALTH_POLL_S)
+
+    def forget_lookups(self) -> None:
+        """Drop cached key and model lookups (the registry changed)."""
+        self.auth.forget()
+        self.gateway.forget_resolutions()
+
+    async def _watch_registry(self) -> None:
+        """Lookups are cached per gateway; drop them when the registry generation moves, so
+        they can be kept long without a revoked key or a moved alias outliving the change."""
+        seen: int | None = None
+        while True:
+            try:
+                generation = await self.registry.generation()
+                if seen is not None and generation != seen:
+                    self.forget_lookups()
+                seen = generation
+            except Exception:  # noqa: BLE001 - keep serving from the caches; retry next poll
+                log.warning("could not read the registry generation", exc_info=True)
+            await asyncio.sleep(REGISTRY_POLL_S)
 
     async def _watch_training(self) -> None:
         """Refresh the training-job gauges (jobs live in the database, workers elsewhere)."""

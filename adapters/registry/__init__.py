@@ -13,14 +13,23 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import event, select
+from sqlalchemy import event, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import selectinload
 
 from adapters.errors import Conflict, NotFound
 from adapters.names import ModelRef, check_alias, check_name
-from adapters.registry.models import Adapter, AdapterVersion, Alias, ApiKey, Base, Tenant, utcnow
+from adapters.registry.models import (
+    Adapter,
+    AdapterVersion,
+    Alias,
+    ApiKey,
+    Base,
+    RegistryState,
+    Tenant,
+    utcnow,
+)
 
 __all__ = ["Registry", "VersionSpec", "Adapter", "AdapterVersion", "Alias", "ApiKey", "Tenant"]
 
@@ -65,6 +74,18 @@ class Registry:
     async def create_schema(self) -> None:
         async with self.engine.begin() as conn:
             await conn.run_sync(Base.metadata.create_all)
+        try:
+            async with self._tx() as s:
+                if await s.get(RegistryState, 1) is None:
+                    s.add(RegistryState(id=1, generation=0))
+        except IntegrityError:
+            pass  # another gateway sharing the database made the row first
+
+    async def generation(self) -> int:
+        """A number that changes whenever a key is revoked or a model name may resolve
+        differently (versions, aliases, deletes). Cheap to poll."""
+        async with self._tx() as s:
+            return await s.scalar(select(RegistryState.generation).where(RegistryState.id == 1)) or 0
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -101,6 +122,7 @@ class Registry:
     async def delete_tenant(self, tenant_id: str) -> DeletedVersions:
         async with self._tx() as s:
             tenant = await _tenant(s, tenant_id)
+            await _changed(s)
             versions = (await s.scalars(
                 select(AdapterVersion).join(Adapter).where(Adapter.tenant_id == tenant_id))).all()
             await s.delete(tenant)
@@ -130,6 +152,7 @@ class Registry:
             row = await s.get(ApiKey, key_id)
             if row is None or row.tenant_id != tenant_id:
                 raise NotFound(f"key {key_id!r} not found for tenant {tenant_id!r}")
+            await _changed(s)
             if row.revoked_at is None:
                 row.revoked_at = utcnow()
             return row
@@ -174,6 +197,7 @@ class Registry:
                           spec: VersionSpec) -> AdapterVersion:
         async with self._tx() as s:
             adapter = await _adapter(s, tenant_id, name)
+            await _changed(s)
             row = AdapterVersion(
                 adapter_id=adapter.id, version=version,
                 engine_name=f"{tenant_id}/{name}@{version}.{secrets.token_hex(4)}",
@@ -206,6 +230,7 @@ class Registry:
     async def delete_adapter(self, tenant_id: str, name: str) -> DeletedVersions:
         async with self._tx() as s:
             adapter = await _adapter(s, tenant_id, name)
+            await _changed(s)
             deleted = _deleted(adapter.versions)
             await s.delete(adapter)
             return deleted
@@ -218,6 +243,7 @@ class Registry:
     async def delete_version(self, tenant_id: str, name: str, version: int) -> DeletedVersions:
         async with self._tx() as s:
             adapter = await _adapter(s, tenant_id, name)
+            await _changed(s)
             row = _version_of(adapter, version)
             pointing = sorted(a.alias for a in adapter.aliases if a.version == version)
             if pointing:
@@ -249,6 +275,7 @@ class Registry:
     async def _set_alias(self, tenant_id: str, name: str, alias: str, version: int) -> Alias:
         async with self._tx() as s:
             adapter = await _adapter(s, tenant_id, name)
+            await _changed(s)
             _version_of(adapter, version)
             row = next((a for a in adapter.aliases if a.alias == alias), None)
             if row is None:
@@ -260,6 +287,7 @@ class Registry:
     async def delete_alias(self, tenant_id: str, name: str, alias: str) -> None:
         async with self._tx() as s:
             adapter = await _adapter(s, tenant_id, name)
+            await _changed(s)
             row = next((a for a in adapter.aliases if a.alias == alias), None)
             if row is None:
                 raise NotFound(f"alias {alias!r} not found on adapter {name!r}")
@@ -292,6 +320,12 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA busy_timeout=10000")
     cur.close()
+
+
+async def _changed(s: AsyncSession) -> None:
+    """Bump the registry generation in the caller's transaction (committed with the change)."""
+    await s.execute(update(RegistryState).where(RegistryState.id == 1)
+                    .values(generation=RegistryState.generation + 1))
 
 
 async def _tenant(s: AsyncSession, tenant_id: str) -> Tenant:

@@ -16,6 +16,16 @@ class Base(DeclarativeBase):
     pass
 
 
+class RegistryState(Base):
+    """One row: a counter bumped by every change that can alter what a key or a model name
+    resolves to. Gateways poll it to drop their lookup caches (see `Registry.generation`)."""
+
+    __tablename__ = "registry_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    generation: Mapped[int] = mapped_column(default=0)
+
+
 class Tenant(Base):
     __tablename__ = "tenants"
 

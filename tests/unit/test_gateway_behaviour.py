@@ -8,6 +8,7 @@ import json
 import pytest
 
 from adapters.registry import hash_key
+from server import services as services_module
 from tests.unit.conftest import wait_until
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -354,6 +355,66 @@ async def test_two_keys_revoking_one_keeps_the_other(gw):
     await gw.admin("DELETE", f"/admin/tenants/acme/keys/{resp.json()['id']}")
     gw.expect_error(await gw.chat("acme", key2, BASE), 401)
     assert (await gw.chat("acme", key1, BASE)).status_code == 200
+
+
+async def _eventually(check, what: str, limit_s: float = 10.0) -> None:
+    """Await `check()` until it is true (the limit only guards against a hung test)."""
+    deadline = asyncio.get_running_loop().time() + limit_s
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def test_changes_made_elsewhere_reach_the_cached_lookups(gw, make_adapter, monkeypatch):
+    # Another gateway sharing the database, or a training worker, writes to the registry
+    # without clearing this gateway's caches: the registry generation tells it.
+    monkeypatch.setattr(services_module, "REGISTRY_POLL_S", 0.05)
+    key = await gw.new_tenant("acme")
+    v1 = await gw.register("acme", "support", make_adapter())
+    v2 = await gw.register("acme", "support", make_adapter())
+    await gw.admin("PUT", "/admin/tenants/acme/adapters/support/aliases/prod", json={"version": 1})
+    assert (await gw.chat("acme", key, "support@prod")).status_code == 200
+    assert gw.engine.bodies[-1]["model"] == v1["engine_name"]  # now cached
+
+    await gw.services.registry.set_alias("acme", "support", "prod", 2)
+
+    async def alias_moved() -> bool:
+        assert (await gw.chat("acme", key, "support@prod")).status_code == 200
+        return gw.engine.bodies[-1]["model"] == v2["engine_name"]
+
+    await _eventually(alias_moved, "the moved alias to be seen")
+
+    key_id = (await gw.admin("GET", "/admin/tenants/acme/keys")).json()["data"][0]["id"]
+    await gw.services.registry.revoke_key("acme", key_id)
+
+    async def key_refused() -> bool:
+        return (await gw.chat("acme", key, BASE)).status_code == 401
+
+    await _eventually(key_refused, "the revoked key to be refused")
+
+
+async def test_repeated_and_concurrent_requests_share_lookups(gw, make_adapter, monkeypatch):
+    key = await gw.new_tenant("acme")
+    await gw.register("acme", "support", make_adapter())
+    calls = {"resolve": 0, "key": 0}
+    registry = gw.services.registry
+    resolve, tenant_for_key = registry.resolve, registry.tenant_for_key
+
+    async def counted_resolve(*args):
+        calls["resolve"] += 1
+        return await resolve(*args)
+
+    async def counted_key(*args):
+        calls["key"] += 1
+        return await tenant_for_key(*args)
+
+    monkeypatch.setattr(registry, "resolve", counted_resolve)
+    monkeypatch.setattr(registry, "tenant_for_key", counted_key)
+    gw.services.forget_lookups()
+    answers = await asyncio.gather(*(gw.chat("acme", key, "support") for _ in range(12)))
+    answers.append(await gw.chat("acme", key, "support"))
+    assert [a.status_code for a in answers] == [200] * 13
+    assert calls == {"resolve": 1, "key": 1}
 
 
 async def test_models_lists_base_and_own_adapters(gw, make_adapter):

@@ -9,7 +9,8 @@ import pytest
 
 import adapters.registry as registry_module
 from adapters.errors import LoraplexError
-from adapters.registry import Registry, hash_key
+from adapters.names import ModelRef
+from adapters.registry import Registry, VersionSpec, hash_key
 
 
 @pytest.fixture
@@ -62,3 +63,41 @@ async def test_concurrent_first_registrations_of_one_adapter(registry, monkeypat
                 if isinstance(r, BaseException) and not isinstance(r, LoraplexError)]
     assert unmapped == [], results
     assert sorted(r[0] for r in results) == [1, 2]
+
+
+async def test_generation_moves_with_every_change_a_lookup_could_see(registry):
+    spec = VersionSpec(store_key="k", rank=8, alpha=16.0, target_modules=["q_proj"],
+                       base_model=None, size_bytes=1, sha256="0" * 64, source="test", meta={})
+    start = await registry.generation()
+    row, key = await registry.create_key("acme")
+    version, _ = await registry.reserve_version("acme", "support")
+    await registry.add_version("acme", "support", version, spec)
+    after_add = await registry.generation()
+    assert after_add > start  # "support" now names a newer version
+    await registry.tenant_for_key(key)
+    await registry.resolve("acme", ModelRef("support"))
+    await registry.set_pinned("acme", "support", version, True)
+    assert await registry.generation() == after_add  # reads and pins change no lookup
+    steps = [
+        registry.set_alias("acme", "support", "prod", version),
+        registry.delete_alias("acme", "support", "prod"),
+        registry.revoke_key("acme", row.id),
+        registry.delete_version("acme", "support", version),
+        registry.delete_adapter("acme", "support"),
+        registry.delete_tenant("acme"),
+    ]
+    seen = after_add
+    for step in steps:
+        await step
+        now = await registry.generation()
+        assert now > seen, step
+        seen = now
+
+
+async def test_a_failed_change_does_not_move_the_generation(registry):
+    before = await registry.generation()
+    with pytest.raises(LoraplexError):
+        await registry.revoke_key("acme", "no-such-key")
+    with pytest.raises(LoraplexError):
+        await registry.delete_adapter("acme", "nope")
+    assert await registry.generation() == before
