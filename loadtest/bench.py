@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -57,6 +58,7 @@ class Summary:
     ttft_p99: float
     lat_p50: float
     lat_p99: float
+    cpu_s: float | None = None  # CPU time the gateway process spent on these requests
 
     @property
     def tok_s(self) -> float:
@@ -89,41 +91,59 @@ async def one_stream(client: httpx.AsyncClient, url: str, headers: dict[str, str
 
 
 async def run_level(url: str, headers: dict[str, str], models: list[str], concurrency: int,
-                    requests: int, max_tokens: int) -> tuple[list[Sample], float]:
-    """`requests` streams, `concurrency` at a time (closed loop): the samples and the wall time."""
+                    requests: int, max_tokens: int,
+                    spacing_s: float = 0.0) -> tuple[list[Sample], float]:
+    """`requests` streams, `concurrency` at a time (closed loop): the samples and the wall time.
+    Client k starts `k * spacing_s` after the first (0: all at once)."""
     samples: list[Sample] = []
     queue = list(range(requests))
     async with httpx.AsyncClient(timeout=600) as client:
-        async def worker() -> None:
+        async def worker(k: int) -> None:
+            await asyncio.sleep(k * spacing_s)
             while queue:
                 i = queue.pop()
                 samples.append(await one_stream(client, url, headers, models[i % len(models)],
                                                 max_tokens))
         start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
         wall = time.perf_counter() - start
     return samples, wall
 
 
-def summarize(label: str, runs: list[tuple[list[Sample], float]]) -> Summary:
+def summarize(label: str, runs: list[tuple[list[Sample], float]],
+              cpu_s: float | None = None) -> Summary:
     samples = [s for run, _ in runs for s in run]
     ttfts, lats = [s.ttft for s in samples], [s.latency for s in samples]
     return Summary(label, len(samples), sum(wall for _, wall in runs),
                    sum(s.tokens for s in samples), pct(ttfts, 0.5), pct(ttfts, 0.99),
-                   pct(lats, 0.5), pct(lats, 0.99))
+                   pct(lats, 0.5), pct(lats, 0.99), cpu_s)
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
 
 
 async def side_by_side(name: str, conc: int, direct: tuple[str, dict[str, str], list[str]],
-                       gateway: tuple[str, dict[str, str], list[str]],
+                       gateway: tuple[str, dict[str, str], list[str]], gateway_process: psutil.Process,
                        args: argparse.Namespace) -> tuple[Summary, Summary]:
     """Direct and gateway runs alternate for `--rounds` rounds, so that drift in a shared,
-    noisy machine lands on both sides alike."""
-    d_runs, g_runs = [], []
+    noisy machine lands on both sides alike. The gateway's own CPU time is counted too: unlike
+    latency, it hardly depends on what else the machine is doing."""
+    spacing = 0.0
+    if args.arrivals == "staggered":
+        # Clients spread over one request's duration, as a steady closed loop settles into;
+        # "burst" starts them together and keeps them in step (equal lengths), the worst case.
+        (one,), _ = await run_level(*direct, 1, 1, args.max_tokens)
+        spacing = one.latency / conc
+    d_runs, g_runs, cpu = [], [], 0.0
     for _ in range(args.rounds):
-        d_runs.append(await run_level(*direct, conc, args.requests, args.max_tokens))
-        g_runs.append(await run_level(*gateway, conc, args.requests, args.max_tokens))
+        d_runs.append(await run_level(*direct, conc, args.requests, args.max_tokens, spacing))
+        before = cpu_seconds(gateway_process)
+        g_runs.append(await run_level(*gateway, conc, args.requests, args.max_tokens, spacing))
+        cpu += cpu_seconds(gateway_process) - before
     return (summarize(f"direct  {name} @ {conc}", d_runs),
-            summarize(f"gateway {name} @ {conc}", g_runs))
+            summarize(f"gateway {name} @ {conc}", g_runs, cpu))
 
 
 def start_server(home: Path, model: Path, port: int, slots: int,
@@ -172,7 +192,9 @@ def print_ratios(direct: Summary, gateway: Summary) -> None:
     print(f"  gateway/direct @ {direct.label.split('@')[-1].strip()}: throughput "
           f"{gateway.tok_s / direct.tok_s:.3f}x, TTFT p50 "
           f"{(gateway.ttft_p50 - direct.ttft_p50) * 1000:+.1f} ms, latency p50 "
-          f"{gateway.lat_p50 / direct.lat_p50:.3f}x")
+          f"{gateway.lat_p50 / direct.lat_p50:.3f}x, gateway CPU "
+          f"{gateway.cpu_s / gateway.requests * 1000:.2f} ms/request = "
+          f"{gateway.cpu_s / gateway.tokens * 1e6:.0f} us/token")
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -190,6 +212,7 @@ async def main_async(args: argparse.Namespace) -> None:
     proc = start_server(home, model, port, slots, **extra)
     try:
         ready_s = wait_healthy(url, proc)
+        gateway_process = psutil.Process(proc.pid)  # uvicorn runs in `loraplex up` itself
         print(f"engine start (loraplex up -> /healthz 200): {ready_s:.1f} s")
         admin, headers = bench_tenant(url)
         n_adapters = max(1, args.adapters)
@@ -231,7 +254,7 @@ async def main_async(args: argparse.Namespace) -> None:
             for name, gw_models, direct_models in workloads:
                 d, g = await side_by_side(
                     name, conc, (f"{engine}/v1/chat/completions", {}, direct_models),
-                    (f"{url}/v1/chat/completions", headers, gw_models), args)
+                    (f"{url}/v1/chat/completions", headers, gw_models), gateway_process, args)
                 rows += [d, g]
                 print_table([d, g])
                 print_ratios(d, g)
@@ -260,6 +283,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1,
                    help="alternate direct and gateway runs this many times (less drift)")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--arrivals", choices=["burst", "staggered"], default="burst",
+                   help="burst: all clients start together (worst case for time to first "
+                        "token); staggered: spread over one request's duration")
     p.add_argument("--adapters", type=int, default=0,
                    help="also run a workload spread over this many adapters")
     p.add_argument("--slots", type=int, default=8, help="LORAPLEX_MAX_RESIDENT_ADAPTERS")

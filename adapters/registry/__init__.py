@@ -84,8 +84,10 @@ class Registry:
     async def generation(self) -> int:
         """A number that changes whenever a key is revoked or a model name may resolve
         differently (versions, aliases, deletes). Cheap to poll."""
-        async with self._tx() as s:
-            return await s.scalar(select(RegistryState.generation).where(RegistryState.id == 1)) or 0
+        async with self.engine.connect() as conn:  # Core, no ORM session: half the CPU
+            generation = await conn.scalar(
+                select(RegistryState.generation).where(RegistryState.id == 1))
+        return generation or 0
 
     async def close(self) -> None:
         await self.engine.dispose()
