@@ -138,7 +138,7 @@ class Services:
         await self.registry.create_schema()
         if self.engine_process is not None:
             self._tasks.append(asyncio.create_task(
-                self.engine_process.supervise(on_restart=self.metrics.engine_restarts.inc)))
+                self.engine_process.supervise(on_restart=self._on_engine_exit)))
         self._tasks.append(asyncio.create_task(self._watch_engine()))
         self._tasks.append(asyncio.create_task(self._watch_training()))
         self._tasks.append(asyncio.create_task(self._watch_registry()))
@@ -168,6 +168,13 @@ class Services:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def _on_engine_exit(self) -> None:
+        """The spawned engine died: stop sending it work now, not at the next health poll.
+        When it answers again, `_watch_engine` starts from a clean adapter slate."""
+        self.metrics.engine_restarts.inc()
+        self.engine_ready = False
+        self.metrics.engine_up.set(0)
 
     async def _watch_engine(self) -> None:
         """Track engine health; when it comes (back) up, start from a clean adapter slate."""

@@ -1,0 +1,108 @@
+"""The engine dies (an OOM kill, a crash): only what needs it degrades, and it comes back.
+
+A server of its own, so that killing its vLLM cannot disturb the other integration tests.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.integration.conftest import (
+    BASE,
+    Server,
+    make_tenant,
+    running_server,
+    scrape_metric,
+    upload_adapter,
+)
+
+pytestmark = pytest.mark.integration
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def own_server(base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with running_server(base_model, tmp_path_factory.mktemp("failhome")) as srv:
+        yield srv
+
+
+def _engine_processes(server: Server) -> list[psutil.Process]:
+    return [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+            if "vllm" in " ".join(p.cmdline())]
+
+
+def _chat(server: Server, tenant: str, key: str, model: str) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/chat/completions", timeout=300,
+                      headers={"X-Tenant-ID": tenant, "Authorization": f"Bearer {key}"},
+                      json={"model": model, "messages": QUESTION, "temperature": 0,
+                            "max_tokens": 8})
+
+
+def _wait_for(predicate, what: str, limit_s: float) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + limit_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_engine_killed_degrades_only_generation_and_recovers(own_server: Server,
+                                                             adapter_dirs: list[Path]) -> None:
+    server = own_server
+    tenant = make_tenant(server, "acme")
+    pinned = upload_adapter(server, "acme", "pinned-bot", adapter_dirs[0])
+    upload_adapter(server, "acme", "plain-bot", adapter_dirs[1])
+    with server.admin() as admin:
+        assert admin.put("/admin/tenants/acme/adapters/pinned-bot/versions/1/pin").status_code == 200
+    before = {}
+    for model in ("pinned-bot", "plain-bot", BASE):
+        r = _chat(server, "acme", tenant.key, model)
+        assert r.status_code == 200, r.text
+        before[model] = r.json()["choices"][0]["message"]["content"]
+
+    engines = _engine_processes(server)
+    assert engines, "no vLLM process found under loraplex up"
+    os.killpg(os.getpgid(engines[0].pid), signal.SIGKILL)  # what the OOM killer does
+
+    # The gateway notices at once (it supervises the process), not at its next health poll.
+    def engine_status() -> dict:
+        with server.admin() as admin:
+            return admin.get("/admin/engine").json()
+
+    _wait_for(lambda: engine_status()["restarts"] == 1, "the engine exit to be noticed", 30)
+    assert httpx.get(f"{server.url}/healthz").status_code == 503
+    # Generation fails fast and clearly, in OpenAI's error shape, and says when to retry.
+    for model in ("plain-bot", "pinned-bot", BASE):
+        r = _chat(server, "acme", tenant.key, model)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "engine_unavailable" and r.headers["retry-after"]
+    # What does not need the engine keeps working: the registry, the admin API, listings.
+    with server.admin() as admin:
+        assert admin.post("/admin/tenants", json={"id": "during-outage"}).status_code == 201
+        upload_adapter(server, "acme", "late-bot", adapter_dirs[2])
+    models = httpx.get(f"{server.url}/v1/models", headers={
+        "X-Tenant-ID": "acme", "Authorization": f"Bearer {tenant.key}"})
+    assert models.status_code == 200
+    assert {"pinned-bot", "plain-bot", "late-bot"} <= {m["id"] for m in models.json()["data"]}
+
+    # The gateway restarts the engine; adapters come back without anyone re-registering them.
+    _wait_for(lambda: httpx.get(f"{server.url}/healthz").status_code == 200,
+              "the engine to be restarted", 600)
+    status = engine_status()
+    assert status["ready"] is True and status["restarts"] == 1
+    resident = {a["engine_name"]: a for a in status["adapters"]["resident"]}
+    assert resident[pinned["engine_name"]]["pinned"], "the pinned adapter is preloaded again"
+    assert scrape_metric(server.url, "loraplex_engine_restarts_total") == 1
+    for model in ("pinned-bot", "plain-bot", BASE):
+        r = _chat(server, "acme", tenant.key, model)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == before[model], model
+    assert _chat(server, "acme", tenant.key, "late-bot").status_code == 200
