@@ -501,3 +501,21 @@ async def test_answer_ready_before_disconnect_is_returned():
         return {"ok": True}
 
     assert await _cancel_on_disconnect(StayingRequest(), answer()) == {"ok": True}
+
+
+async def test_one_json_access_line_per_request_without_prompt_text(gw, make_adapter, caplog):
+    key = await gw.new_tenant("acme")
+    await gw.register("acme", "support", make_adapter())
+    caplog.set_level("INFO", logger="loraplex.access")
+    resp = await gw.client.post(
+        "/v1/chat/completions", headers={**gw.headers("acme", key), "X-Request-ID": "trace-1"},
+        json={"model": "support", "messages": [{"role": "user", "content": "secret prompt"}]})
+    assert resp.status_code == 200 and resp.headers["x-request-id"] == "trace-1"
+    lines = [json.loads(r.getMessage()) for r in caplog.records
+             if r.name == "loraplex.access" and '"trace-1"' in r.getMessage()]
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["status"] == 200 and line["tenant"] == "acme" and line["adapter"] == "support"
+    assert line["path"] == "/v1/chat/completions" and line["prompt_tokens"] > 0
+    assert line["completion_tokens"] > 0 and line["latency_s"] > 0
+    assert "secret prompt" not in caplog.text
