@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapters.errors import InvalidInput, NotFound
+from adapters.errors import InvalidInput, NotFound, Unavailable
 from adapters.names import parse_model_ref
 from adapters.registry import AdapterVersion, Registry, timestamp
 from adapters.residency import Residency
 from adapters.store import AdapterStore
 from server.admission import FairAdmission
-from server.engine.client import EngineClient
+from server.engine.client import EngineClient, EngineError
 from server.lookup_cache import LookupCache
 from server.protocol import GenerationRequest
 from server.request_log import RequestRecord
@@ -44,10 +44,13 @@ class Gateway:
     def __init__(self, registry: Registry, store: AdapterStore, residency: Residency,
                  engine: EngineClient, base_model_name: str, salt_secret: bytes,
                  admission: FairAdmission,
-                 on_token_gap: Callable[[float], None] | None = None) -> None:
+                 on_token_gap: Callable[[float], None] | None = None,
+                 on_engine_forgot: Callable[[], None] = lambda: None) -> None:
         self.registry = registry
         self.admission = admission
         self.on_token_gap = on_token_gap  # inter-token latency, for metrics
+        # The engine lost an adapter we hold loaded: it restarted between two health polls.
+        self.on_engine_forgot = on_engine_forgot
         self.store = store
         self.residency = residency
         self.engine = engine
@@ -88,6 +91,20 @@ class Gateway:
             return contextlib.nullcontext()
         return self.residency.use(target.engine_name, *self._checkout(target.version.store_key))
 
+    @contextlib.asynccontextmanager
+    async def _forgotten(self, target: Target) -> AsyncIterator[None]:
+        """An engine 404 for an adapter held loaded means the engine restarted unseen (faster
+        than a health poll, e.g. an external engine): report it, so the gateway starts from a
+        clean slate as after any restart, and answer 503 rather than a misleading 404."""
+        try:
+            yield
+        except EngineError as exc:
+            if exc.status != 404 or target.version is None:
+                raise
+            self.on_engine_forgot()
+            raise Unavailable("the inference engine restarted; retry shortly",
+                              code="engine_unavailable", retry_after_s=2) from exc
+
     async def pin(self, version: AdapterVersion) -> None:
         """Load a version now and keep it resident (preloaded adapters)."""
         await self.residency.pin(version.engine_name, *self._checkout(version.store_key))
@@ -96,7 +113,7 @@ class Gateway:
                        record: RequestRecord) -> dict[str, Any]:
         target = await self.resolve(tenant, req.model)
         _describe(record, req, target)
-        async with self.admission.admit(tenant), self._hold(target):
+        async with self.admission.admit(tenant), self._hold(target), self._forgotten(target):
             answer = await self.engine.post_json(
                 path, req.engine_body(target.engine_name, self.cache_salt(tenant)))
         answer["model"] = req.model
@@ -122,7 +139,7 @@ class Gateway:
         needle = f'"model":{json.dumps(target.engine_name)}'.encode()
         replacement = f'"model":{json.dumps(req.model)}'.encode()
         last_token_at: float | None = None
-        async with (self.admission.admit(tenant), self._hold(target),
+        async with (self.admission.admit(tenant), self._hold(target), self._forgotten(target),
                     self.engine.stream_events(path, body) as bursts):
             yield b""  # primed: the engine accepted the request
             async for events in bursts:

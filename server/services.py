@@ -126,13 +126,15 @@ class Services:
         metrics.queued.set_function(lambda: admission.queued)
         gateway = Gateway(registry, store, residency, engine, settings.model_name, salt.encode(),
                           admission, on_token_gap=metrics.itl.observe)
-        return cls(settings=settings, registry=registry, store=store,
-                   base_info=BaseModelInfo.from_folder(model_path), engine=engine,
-                   residency=residency, gateway=gateway, auth=TenantAuth(registry),
-                   admin_token=admin_token,
-                   limits=AdapterLimits(settings.max_lora_rank, settings.max_adapter_bytes),
-                   metrics=metrics, jobs=JobStore(registry, settings.home / "files"),
-                   model_path=model_path, engine_process=process)
+        services = cls(settings=settings, registry=registry, store=store,
+                       base_info=BaseModelInfo.from_folder(model_path), engine=engine,
+                       residency=residency, gateway=gateway, auth=TenantAuth(registry),
+                       admin_token=admin_token,
+                       limits=AdapterLimits(settings.max_lora_rank, settings.max_adapter_bytes),
+                       metrics=metrics, jobs=JobStore(registry, settings.home / "files"),
+                       model_path=model_path, engine_process=process)
+        gateway.on_engine_forgot = services.mark_engine_down
+        return services
 
     async def start(self) -> None:
         await self.registry.create_schema()
@@ -170,9 +172,16 @@ class Services:
         task.add_done_callback(self._background.discard)
 
     def _on_engine_exit(self) -> None:
-        """The spawned engine died: stop sending it work now, not at the next health poll.
-        When it answers again, `_watch_engine` starts from a clean adapter slate."""
+        """The spawned engine died: stop sending it work now, not at the next health poll."""
         self.metrics.engine_restarts.inc()
+        self.mark_engine_down()
+
+    def mark_engine_down(self) -> None:
+        """Treat the engine as down until the next health poll finds it answering; then
+        `_watch_engine` starts from a clean adapter slate (and preloads pins), as after any
+        restart."""
+        if self.engine_ready:
+            log.warning("engine is down")
         self.engine_ready = False
         self.metrics.engine_up.set(0)
 

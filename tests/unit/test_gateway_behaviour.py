@@ -329,6 +329,23 @@ async def test_engine_restart_clears_leftovers_and_reloads(gw, make_adapter):
 
 
 
+
+@pytest.mark.health_poll(0.05)
+@pytest.mark.parametrize("stream", [False, True])
+async def test_engine_restart_between_health_polls_is_caught_by_its_404(gw, make_adapter, stream):
+    key = await gw.new_tenant("acme")
+    version = await gw.register("acme", "support", make_adapter())
+    assert (await gw.chat("acme", key, "support")).status_code == 200
+    gw.engine.loaded = {}  # restarted and healthy again before any poll saw it down
+    resp = await gw.chat("acme", key, "support", stream=stream)
+    gw.expect_error(resp, 503, code="engine_unavailable")  # not the engine's misleading 404
+    assert resp.headers["retry-after"]
+    await wait_until(lambda: gw.services.engine_ready, "the engine to be seen up again")
+    assert (await gw.chat("acme", key, "support", stream=stream)).status_code == 200
+    assert [c["lora_name"] for c in gw.engine.load_calls] == [version["engine_name"]] * 2
+    resp = await gw.chat("acme", key, "nope")
+    gw.expect_error(resp, 404, code="model_not_found")  # unknown names stay plain 404s
+
 # -- keys and listings ---------------------------------------------------------------------------
 
 async def test_keys_are_stored_hashed(gw):
