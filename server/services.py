@@ -188,13 +188,13 @@ class Services:
     async def _watch_engine(self) -> None:
         """Track engine health; when it comes (back) up, start from a clean adapter slate."""
         while True:
-            healthy = await self.engine.healthy()
-            if healthy and not self.engine_ready:
-                await self._on_engine_up()
-            if not healthy and self.engine_ready:
-                log.warning("engine is down")
-            self.engine_ready = healthy
-            self.metrics.engine_up.set(1 if healthy else 0)
+            if await self.engine.healthy():
+                if not self.engine_ready:
+                    await self._on_engine_up()
+                self.engine_ready = True
+                self.metrics.engine_up.set(1)
+            else:
+                self.mark_engine_down()
             await asyncio.sleep(HEALTH_POLL_S)
 
     def forget_lookups(self) -> None:
