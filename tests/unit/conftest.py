@@ -13,9 +13,10 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import json
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,11 +284,18 @@ def fake_engine() -> FakeEngine:
 
 # -- the gateway -----------------------------------------------------------------------------
 
-async def wait_until(predicate: Callable[[], bool], what: str, limit_s: float = 10.0) -> None:
-    """Poll until `predicate()` holds (the limit only guards against a hung test)."""
+async def wait_until(predicate: Callable[[], bool | Awaitable[bool]], what: str,
+                     limit_s: float = 10.0) -> None:
+    """Poll until `predicate()` holds; it may be a coroutine function (a check that makes a
+    request). The limit only guards against a hung test."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit_s
-    while not predicate():
+
+    async def holds() -> bool:
+        result = predicate()
+        return await result if inspect.isawaitable(result) else result
+
+    while not await holds():
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)

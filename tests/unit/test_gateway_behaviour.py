@@ -374,14 +374,6 @@ async def test_two_keys_revoking_one_keeps_the_other(gw):
     assert (await gw.chat("acme", key1, BASE)).status_code == 200
 
 
-async def _eventually(check, what: str, limit_s: float = 10.0) -> None:
-    """Await `check()` until it is true (the limit only guards against a hung test)."""
-    deadline = asyncio.get_running_loop().time() + limit_s
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
 async def test_changes_made_elsewhere_reach_the_cached_lookups(gw, make_adapter, monkeypatch):
     # Another gateway sharing the database, or a training worker, writes to the registry
     # without clearing this gateway's caches: the registry generation tells it.
@@ -399,7 +391,7 @@ async def test_changes_made_elsewhere_reach_the_cached_lookups(gw, make_adapter,
         assert (await gw.chat("acme", key, "support@prod")).status_code == 200
         return gw.engine.bodies[-1]["model"] == v2["engine_name"]
 
-    await _eventually(alias_moved, "the moved alias to be seen")
+    await wait_until(alias_moved, "the moved alias to be seen")
 
     key_id = (await gw.admin("GET", "/admin/tenants/acme/keys")).json()["data"][0]["id"]
     await gw.services.registry.revoke_key("acme", key_id)
@@ -407,7 +399,7 @@ async def test_changes_made_elsewhere_reach_the_cached_lookups(gw, make_adapter,
     async def key_refused() -> bool:
         return (await gw.chat("acme", key, BASE)).status_code == 401
 
-    await _eventually(key_refused, "the revoked key to be refused")
+    await wait_until(key_refused, "the revoked key to be refused")
 
 
 async def test_repeated_and_concurrent_requests_share_lookups(gw, make_adapter, monkeypatch):
