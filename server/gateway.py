@@ -23,7 +23,7 @@ from adapters.store import AdapterStore
 from server.admission import FairAdmission
 from server.engine.client import EngineClient, EngineError
 from server.lookup_cache import LookupCache
-from server.protocol import GenerationRequest
+from server.protocol.openai import GenerationRequest
 from server.request_log import RequestRecord
 
 # Resolution is cached per gateway: admin changes made here clear it at once, changes made by

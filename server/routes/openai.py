@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from adapters.errors import NotFound, Unavailable
 from server.deps import ServicesDep, TenantDep, parse_json
-from server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
+from server.protocol.openai import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from server.services import Services
 
 router = APIRouter(prefix="/v1", tags=["tenant"])
