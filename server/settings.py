@@ -13,7 +13,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from adapters.errors import InvalidInput
-from adapters.s3_store import parse_s3_uri
+from adapters.s3.uris import parse_s3_uri
 
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # vLLM only accepts these values for --max-lora-rank.
@@ -80,8 +80,8 @@ class Settings(BaseSettings):
     """Largest adapter upload accepted on the admin API (413 above it)."""
     max_adapter_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)
     """Largest adapter weights file accepted at registration."""
-    local_source_allowlist: list[Path] = Field(default_factory=list)
-    """Folders the admin API may register adapters from by local path (empty: none)."""
+    local_source_allowlist: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    """Comma-separated folders the admin API may register adapters from by path (empty: none)."""
 
     workers: int = Field(default=1, ge=0, le=8)
     """Training workers `loraplex up` starts beside the gateway (0: none; run `loraplex worker`)."""
@@ -105,7 +105,7 @@ class Settings(BaseSettings):
     cache_max_bytes: int = Field(default=10 * 1024**3, ge=1024 * 1024)
     """Bound of the local disk cache of adapters fetched from S3 (LRU beyond it)."""
 
-    @field_validator("s3_source_allowlist", mode="before")
+    @field_validator("s3_source_allowlist", "local_source_allowlist", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):

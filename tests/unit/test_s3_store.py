@@ -20,7 +20,9 @@ from adapters.errors import (
     TooLarge,
     Unavailable,
 )
-from adapters.s3_store import S3Store, make_client, parse_s3_uri, uri_allowed
+from adapters.s3.store import S3Store, make_client
+from adapters.s3.uris import parse_s3_uri, uri_allowed
+from adapters.sources import AdapterSources
 from adapters.store import MANIFEST_FILE, Manifest
 from tests.s3_server import MotoS3Server, s3_env
 
@@ -254,6 +256,12 @@ def source(store: S3Store) -> Callable[[str, dict[str, bytes]], str]:
     return write
 
 
+def _sources(store: S3Store, allowlist: list[str], max_bytes: int = 1 << 30) -> AdapterSources:
+    """Registration's sources, reading S3 with the store's client (as the gateway wires them)."""
+    return AdapterSources(local_allowlist=[], s3_allowlist=allowlist, max_bytes=max_bytes,
+                          s3_client=store.client)
+
+
 ADAPTER = {"adapter_config.json": CONFIG, "adapter_model.safetensors": WEIGHTS,
            "README.md": b"# readme"}
 
@@ -262,7 +270,7 @@ async def test_source_under_the_allowlist_is_downloaded(
         store: S3Store, source: Callable[..., str], tmp_path: Path) -> None:
     uri = source("team/ad1", ADAPTER)
     dest = tmp_path / "dest"
-    await store.download_source(uri, dest, [f"s3://{store.bucket}/team"])
+    await _sources(store, [f"s3://{store.bucket}/team"]).copy_s3(uri, dest)
     assert sorted(p.name for p in dest.iterdir()) == ["adapter_config.json",
                                                       "adapter_model.safetensors"]
     assert (dest / "adapter_model.safetensors").read_bytes() == WEIGHTS
@@ -274,8 +282,8 @@ async def test_source_outside_the_allowlist_is_forbidden(
     uri = source(prefix, ADAPTER)
     dest = tmp_path / "dest"
     with pytest.raises(Forbidden) as err:
-        await store.download_source(uri, dest, [f"s3://{store.bucket}/team",
-                                                "s3://another-bucket"])
+        await _sources(store, [f"s3://{store.bucket}/team",
+                               "s3://another-bucket"]).copy_s3(uri, dest)
     assert err.value.code == "source_not_allowed"
     assert not dest.exists()
 
@@ -284,7 +292,7 @@ async def test_pickle_only_source_is_refused(
         store: S3Store, source: Callable[..., str], tmp_path: Path) -> None:
     uri = source("team/pickled", {"adapter_config.json": CONFIG, "adapter_model.bin": WEIGHTS})
     with pytest.raises(InvalidInput, match="pickle") as err:
-        await store.download_source(uri, tmp_path / "dest", [f"s3://{store.bucket}/team"])
+        await _sources(store, [f"s3://{store.bucket}/team"]).copy_s3(uri, tmp_path / "dest")
     assert "adapter_model.bin" in err.value.message
     assert not (tmp_path / "dest").exists()
 
@@ -294,12 +302,12 @@ async def test_incomplete_empty_and_oversized_sources(
     allow = [f"s3://{store.bucket}/team"]
     uri = source("team/half", {"adapter_model.safetensors": WEIGHTS})
     with pytest.raises(InvalidInput, match="adapter_config.json"):
-        await store.download_source(uri, tmp_path / "a", allow)
+        await _sources(store, allow).copy_s3(uri, tmp_path / "a")
     with pytest.raises(NotFound):
-        await store.download_source(f"s3://{store.bucket}/team/nothing/", tmp_path / "b", allow)
+        await _sources(store, allow).copy_s3(f"s3://{store.bucket}/team/nothing/", tmp_path / "b")
     uri = source("team/big", ADAPTER)
     with pytest.raises(TooLarge):
-        await store.download_source(uri, tmp_path / "c", allow, max_bytes=len(WEIGHTS))
+        await _sources(store, allow, len(WEIGHTS)).copy_s3(uri, tmp_path / "c")
 
 
 # -- URIs --------------------------------------------------------------------------------------
