@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -70,6 +70,12 @@ class Registry:
         if url.startswith("sqlite"):
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after every committed change that moves the generation, so this
+        process drops its cached lookups at once (other processes see the generation move)."""
+        self._listeners.append(listener)
 
     async def create_schema(self) -> None:
         async with self.engine.begin() as conn:
@@ -94,8 +100,12 @@ class Registry:
 
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[AsyncSession]:
-        async with self._sessions() as session, session.begin():
-            yield session
+        async with self._sessions() as session:
+            async with session.begin():
+                yield session
+            if session.info.get("changed"):  # committed: now nobody may act on the old state
+                for listener in self._listeners:
+                    listener()
 
     def transaction(self):  # type: ignore[no-untyped-def]
         """One transaction, for repositories that share this database (training jobs)."""
@@ -326,6 +336,7 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
 
 async def _changed(s: AsyncSession) -> None:
     """Bump the registry generation in the caller's transaction (committed with the change)."""
+    s.info["changed"] = True
     await s.execute(update(RegistryState).where(RegistryState.id == 1)
                     .values(generation=RegistryState.generation + 1))
 

@@ -24,7 +24,7 @@ from adapters.registry import (
     Tenant,
     timestamp,
 )
-from adapters.s3_store import S3Store
+from adapters.s3.store import S3Store
 from adapters.validation import (
     ADAPTER_FILES,
     IGNORED_FILES,
