@@ -24,10 +24,11 @@ async def register_version(registry: Registry, store: AdapterStore, base: BaseMo
     check_name(name, "adapter")
     await registry.get_tenant(tenant)
     checked = await asyncio.to_thread(validate_adapter, folder, base, limits)
-    if checked.base_model and checked.base_model != served_model:
+    hinted = checked.spec.base_model
+    if hinted and hinted != served_model:
         # Compatibility was decided by tensor names and shapes; the name is only a hint.
         checked.warnings.append(
-            f"base_model_name_or_path is {checked.base_model!r}, the server's base model is "
+            f"base_model_name_or_path is {hinted!r}, the server's base model is "
             f"{served_model!r}; the tensor shapes fit, so it was accepted")
     version, created = await registry.reserve_version(tenant, name)
     key = version_key(tenant, name, version)
@@ -36,9 +37,7 @@ async def register_version(registry: Registry, store: AdapterStore, base: BaseMo
         await store.put(key, folder, manifest)
         try:
             return await registry.add_version(tenant, name, version, VersionSpec(
-                store_key=key, rank=checked.rank, alpha=checked.alpha,
-                target_modules=checked.target_modules, base_model=checked.base_model,
-                size_bytes=checked.size_bytes, sha256=checked.sha256, source=source,
+                store_key=key, source=source, spec=checked.spec,
                 meta={"warnings": checked.warnings, "files": manifest.files}))
         except BaseException:
             await store.delete(key)

@@ -46,8 +46,8 @@ class Manifest:
         files = {name: {"sha256": checked.files[name], "size": (folder / name).stat().st_size}
                  for name in ADAPTER_FILES}
         return cls(tenant=tenant, adapter=adapter, version=version, files=files,
-                   base_model=checked.base_model, rank=checked.rank, alpha=checked.alpha,
-                   target_modules=checked.target_modules,
+                   base_model=checked.spec.base_model, rank=checked.spec.rank,
+                   alpha=checked.spec.alpha, target_modules=checked.spec.target_modules,
                    created_at=datetime.now(timezone.utc).isoformat(), source=source)
 
     def to_json(self) -> str:

@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from adapters.base_model import BaseModelInfo
 from adapters.errors import AdapterInvalid
+from adapters.spec import AdapterSpec
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -40,12 +41,7 @@ class AdapterLimits:
 class ValidatedAdapter:
     """What registration records about an adapter that passed every check."""
 
-    rank: int
-    alpha: float
-    target_modules: list[str]
-    base_model: str | None
-    size_bytes: int
-    sha256: str  # of the weights file
+    spec: AdapterSpec
     files: dict[str, str] = field(default_factory=dict)  # name -> sha256
     warnings: list[str] = field(default_factory=list)
 
@@ -97,9 +93,10 @@ def validate_adapter(folder: Path, base: BaseModelInfo, limits: AdapterLimits) -
         raise AdapterInvalid(problems)
 
     files = {name: sha256_file(folder / name) for name in ADAPTER_FILES}
-    return ValidatedAdapter(rank=rank, alpha=alpha, target_modules=targets,
-                            base_model=config.get("base_model_name_or_path"), size_bytes=size,
-                            sha256=files[WEIGHTS_FILE], files=files)
+    spec = AdapterSpec(rank=rank, alpha=alpha, target_modules=targets,
+                       base_model=config.get("base_model_name_or_path"), size_bytes=size,
+                       sha256=files[WEIGHTS_FILE])
+    return ValidatedAdapter(spec=spec, files=files)
 
 
 def _read_config(path: Path, problems: list[str]) -> dict[str, Any] | None:

@@ -10,8 +10,9 @@ import hashlib
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from typing import Any
 
 from sqlalchemy import event, select, update
 from sqlalchemy.exc import IntegrityError
@@ -20,6 +21,7 @@ from sqlalchemy.orm import selectinload
 
 from adapters.errors import Conflict, NotFound
 from adapters.names import ModelRef, check_alias, check_name
+from adapters.spec import AdapterSpec
 from adapters.registry.models import (
     Adapter,
     AdapterVersion,
@@ -46,14 +48,9 @@ class VersionSpec:
     """What registration learned about an adapter, written with its new version row."""
 
     store_key: str
-    rank: int
-    alpha: float
-    target_modules: list[str]
-    base_model: str | None
-    size_bytes: int
-    sha256: str
     source: str
-    meta: dict
+    spec: AdapterSpec
+    meta: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -213,10 +210,8 @@ class Registry:
             row = AdapterVersion(
                 adapter_id=adapter.id, version=version,
                 engine_name=f"{tenant_id}/{name}@{version}.{secrets.token_hex(4)}",
-                store_key=spec.store_key, rank=spec.rank, alpha=spec.alpha,
-                target_modules=spec.target_modules, base_model=spec.base_model,
-                size_bytes=spec.size_bytes, sha256=spec.sha256, source=spec.source,
-                meta=spec.meta)
+                store_key=spec.store_key, source=spec.source, meta=spec.meta,
+                **asdict(spec.spec))
             s.add(row)
         return row
 

@@ -7,6 +7,8 @@ from datetime import datetime, timezone
 from sqlalchemy import JSON, ForeignKey, Integer, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from adapters.spec import AdapterSpec
+
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -98,6 +100,12 @@ class AdapterVersion(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     adapter: Mapped[Adapter] = relationship(back_populates="versions")
+
+    @property
+    def spec(self) -> AdapterSpec:
+        return AdapterSpec(rank=self.rank, alpha=self.alpha, target_modules=self.target_modules,
+                           base_model=self.base_model, size_bytes=self.size_bytes,
+                           sha256=self.sha256)
 
 
 class Alias(Base):

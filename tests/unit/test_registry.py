@@ -11,6 +11,7 @@ import adapters.registry as registry_module
 from adapters.errors import LoraplexError
 from adapters.names import ModelRef
 from adapters.registry import Registry, VersionSpec, hash_key
+from adapters.spec import AdapterSpec
 
 
 @pytest.fixture
@@ -66,8 +67,9 @@ async def test_concurrent_first_registrations_of_one_adapter(registry, monkeypat
 
 
 async def test_generation_moves_with_every_change_a_lookup_could_see(registry):
-    spec = VersionSpec(store_key="k", rank=8, alpha=16.0, target_modules=["q_proj"],
-                       base_model=None, size_bytes=1, sha256="0" * 64, source="test", meta={})
+    spec = VersionSpec(store_key="k", source="test", meta={}, spec=AdapterSpec(
+        rank=8, alpha=16.0, target_modules=["q_proj"], base_model=None, size_bytes=1,
+        sha256="0" * 64))
     start = await registry.generation()
     row, key = await registry.create_key("acme")
     version, _ = await registry.reserve_version("acme", "support")
