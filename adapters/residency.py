@@ -155,7 +155,7 @@ class Residency:
             path = await fetch()
             slot.release = release
             await self._loader.load_adapter(slot.engine_name, path)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - any failure, cancellation too, goes to the waiters
             self.stats.load_failures += 1
             self._on_event("load_failure", slot.engine_name, time.monotonic() - started)
             _release(slot)
@@ -179,7 +179,7 @@ class Residency:
         try:
             await self._loader.unload_adapter(slot.engine_name)
             self.stats.unloads += 1
-        except Exception:  # the engine may have restarted and forgotten it  # noqa: BLE001
+        except Exception:  # the engine may have restarted and forgotten it
             log.warning("unloading %s from the engine failed", slot.engine_name, exc_info=True)
         finally:
             _release(slot)

@@ -180,7 +180,7 @@ def _check_tensors(weights: Path, size: int, base: BaseModelInfo, rank: int,
                    config: dict[str, Any], problems: list[str]) -> None:
     try:
         with safe_open(weights, framework="numpy") as f:
-            keys = list(f.keys())  # noqa: SIM118
+            keys = list(f.keys())
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
     except Exception as exc:  # safetensors raises several types for a bad header  # noqa: BLE001
         problems.append(f"{WEIGHTS_FILE} is not a readable safetensors file: {exc}")

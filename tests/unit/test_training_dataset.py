@@ -13,7 +13,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from adapters.training.dataset import (  # noqa: E402
+from adapters.training.dataset import (
     GENERAL_DATA,
     IGNORE_INDEX,
     MAX_ERRORS,

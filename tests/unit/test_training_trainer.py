@@ -16,11 +16,11 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+import torch
+from safetensors.torch import load_file
 
-from adapters.base_model import BaseModelInfo  # noqa: E402
-from adapters.training.trainer import (  # noqa: E402
+from adapters.base_model import BaseModelInfo
+from adapters.training.trainer import (
     STATE_FILE,
     Progress,
     TrainConfig,
@@ -36,7 +36,7 @@ from adapters.training.trainer import (  # noqa: E402
     split_holdout,
     train,
 )
-from adapters.validation import AdapterLimits, validate_adapter  # noqa: E402
+from adapters.validation import AdapterLimits, validate_adapter
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / ".cache" / "models" / "SmolLM2-135M-Instruct"
 BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
