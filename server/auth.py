@@ -10,7 +10,7 @@ from server.lookup_cache import LookupCache
 
 TENANT_HEADER = "x-tenant-id"
 # Key lookups are cached. Revocations made by this gateway clear the cache at once, those made
-# by another gateway sharing the database within a second (`Services._watch_registry`); the
+# by another gateway sharing the database within a second (`watchers.watch_registry`); the
 # TTL only bounds how long a gateway that cannot read the database keeps trusting its cache.
 KEY_CACHE_TTL_S = 60.0
 

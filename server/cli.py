@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from rich.console import Console
@@ -45,17 +47,10 @@ def _up(settings: Settings) -> int:
 Data folder: {settings.home}
 Admin token: [bold]{services.admin_token}[/]  (set LORAPLEX_ADMIN_TOKEN to choose it)
 GET {base}/healthz answers 200 once the engine is ready (about a minute on a CPU).
-
-Try it:
-  export ADMIN={services.admin_token}
-  curl -s -X POST {base}/admin/tenants -H "Authorization: Bearer $ADMIN" -d '{{"id":"acme"}}'
-  KEY=$(curl -s -X POST {base}/admin/tenants/acme/keys -H "Authorization: Bearer $ADMIN" \\
-        | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
-  curl -s {base}/v1/chat/completions -H "X-Tenant-ID: acme" -H "Authorization: Bearer $KEY" \\
-       -H 'Content-Type: application/json' \\
-       -d '{{"model":"{settings.model_name}",
-            "messages":[{{"role":"user","content":"What is the capital of France?"}}]}}'
-""", soft_wrap=True)  # no wrapping: the example must survive copy-paste
+""", soft_wrap=True)
+    # No markup, no wrapping: the example must survive copy-paste.
+    console.print(example_text(base, services.admin_token, settings.model_name), markup=False,
+                  highlight=False, soft_wrap=True)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                             timeout_graceful_shutdown=10, access_log=False)
     workers = [_spawn_worker(settings, model_path, i) for i in range(settings.workers)]
@@ -84,6 +79,32 @@ Try it:
     return 0
 
 
+EXAMPLE_TENANT = "acme"
+EXAMPLE_QUESTION = "What is the capital of France?"
+
+
+def example_chat_request(model_name: str) -> dict[str, Any]:
+    """The body of the chat request that `loraplex up`'s example sends. It sets no sampling
+    parameters, so the model's generation defaults apply; an integration test sends exactly
+    this body and checks the answer."""
+    return {"model": model_name, "messages": [{"role": "user", "content": EXAMPLE_QUESTION}]}
+
+
+def example_text(base: str, admin_token: str, model_name: str) -> str:
+    """The copy-paste example `loraplex up` prints: a tenant, a key, then one chat request."""
+    body = json.dumps(example_chat_request(model_name), separators=(",", ":"))
+    t = EXAMPLE_TENANT
+    return f"""Try it:
+  export ADMIN={admin_token}
+  curl -s -X POST {base}/admin/tenants -H "Authorization: Bearer $ADMIN" -d '{{"id":"{t}"}}'
+  KEY=$(curl -s -X POST {base}/admin/tenants/{t}/keys -H "Authorization: Bearer $ADMIN" \\
+        | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+  curl -s {base}/v1/chat/completions -H "X-Tenant-ID: {t}" -H "Authorization: Bearer $KEY" \\
+       -H 'Content-Type: application/json' \\
+       -d '{body}'
+"""
+
+
 def _spawn_worker(settings: Settings, model_path: Path, index: int) -> subprocess.Popen[bytes]:
     """A `loraplex worker` child (own process: training must not stall the gateway)."""
     from server.engine.process import _die_with_parent
@@ -105,23 +126,13 @@ def _worker(settings: Settings) -> int:
     import asyncio
     import signal
 
-    from adapters.base_model import BaseModelInfo
     from adapters.registry import Registry
-    from adapters.training.jobs import JobStore
-    from adapters.training.worker import Worker
-    from adapters.validation import AdapterLimits
-    from server.services import build_store, resolve_model_path
+    from server.services import build_worker, resolve_model_path
 
     async def run() -> None:
-        model_path = resolve_model_path(settings)
         registry = Registry(settings.registry_url)
         await registry.create_schema()
-        store, _ = build_store(settings)
-        worker = Worker(JobStore(registry, settings.home / "files"), registry, store, model_path,
-                        BaseModelInfo.from_folder(model_path),
-                        AdapterLimits(settings.max_lora_rank, settings.max_adapter_bytes),
-                        settings.model_name, settings.home / "training",
-                        lease_s=settings.worker_lease_s)
+        worker = build_worker(settings, registry, resolve_model_path(settings))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -9,7 +9,10 @@ from fastapi import Depends, Header, Request
 from pydantic import BaseModel, ValidationError
 
 from adapters.errors import InvalidInput
+from server.admin import AdminService
 from server.auth import check_admin
+from server.fine_tuning import FineTuningService
+from server.gateway import Gateway
 from server.services import Services
 
 M = TypeVar("M", bound=BaseModel)
@@ -40,8 +43,23 @@ async def require_admin(services: ServicesDep,
     check_admin(services.admin_token, authorization)
 
 
+async def get_gateway(services: ServicesDep) -> Gateway:
+    return services.gateway
+
+
+async def get_admin(services: ServicesDep) -> AdminService:
+    return services.admin
+
+
+async def get_fine_tuning(services: ServicesDep) -> FineTuningService:
+    return services.fine_tuning
+
+
 TenantDep = Annotated[str, Depends(current_tenant)]
 AdminDep = Depends(require_admin)
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+AdminServiceDep = Annotated[AdminService, Depends(get_admin)]
+FineTuningDep = Annotated[FineTuningService, Depends(get_fine_tuning)]
 
 
 async def parse_json(request: Request, model: type[M]) -> M:

@@ -22,12 +22,13 @@ from adapters.residency import Residency
 from adapters.store import AdapterStore
 from server.admission import FairAdmission
 from server.engine.client import EngineClient, EngineError
+from server.engine.readiness import EngineReadiness
 from server.lookup_cache import LookupCache
-from server.protocol.openai import GenerationRequest
+from server.protocol.openai import GenerationRequest, ModelObject
 from server.request_log import RequestRecord
 
 # Resolution is cached per gateway: admin changes made here clear it at once, changes made by
-# another gateway or a training worker within a second (`Services._watch_registry`).
+# another gateway or a training worker within a second (`watchers.watch_registry`).
 RESOLVE_TTL_S = 60.0
 
 
@@ -42,15 +43,13 @@ class Target:
 
 class Gateway:
     def __init__(self, registry: Registry, store: AdapterStore, residency: Residency,
-                 engine: EngineClient, base_model_name: str, salt_secret: bytes,
-                 admission: FairAdmission,
-                 on_token_gap: Callable[[float], None] | None = None,
-                 on_engine_forgot: Callable[[], None] = lambda: None) -> None:
+                 engine: EngineClient, readiness: EngineReadiness, base_model_name: str,
+                 salt_secret: bytes, admission: FairAdmission,
+                 on_token_gap: Callable[[float], None] | None = None) -> None:
         self.registry = registry
         self.admission = admission
         self.on_token_gap = on_token_gap  # inter-token latency, for metrics
-        # The engine lost an adapter we hold loaded: it restarted between two health polls.
-        self.on_engine_forgot = on_engine_forgot
+        self.readiness = readiness
         self.store = store
         self.residency = residency
         self.engine = engine
@@ -101,7 +100,7 @@ class Gateway:
         except EngineError as exc:
             if exc.status != 404 or target.version is None:
                 raise
-            self.on_engine_forgot()
+            self.readiness.mark_down("the engine no longer knows an adapter it had loaded")
             raise Unavailable("the inference engine restarted; retry shortly",
                               code="engine_unavailable", retry_after_s=2) from exc
 
@@ -111,6 +110,7 @@ class Gateway:
 
     async def complete(self, tenant: str, path: str, req: GenerationRequest,
                        record: RequestRecord) -> dict[str, Any]:
+        self.readiness.require()
         target = await self.resolve(tenant, req.model)
         _describe(record, req, target)
         async with self.admission.admit(tenant), self._hold(target), self._forgotten(target):
@@ -127,8 +127,14 @@ class Gateway:
         Errors before the first event (unknown model, engine refusal) are raised when the
         caller primes the generator, so they become proper HTTP errors. Usage is always asked
         of the engine (for accounting) and passed on only if the client asked for it.
+
+        A stream the engine breaks off later (killed, connection reset, read timeout) can no
+        longer get an error status: as vLLM does for its own mid-stream errors, it gets an
+        in-band `data: {"error": {...}}` event in OpenAI's shape, then `data: [DONE]`, and
+        ends cleanly. The error code is kept in the request record for the access log.
         """
         started = time.perf_counter()
+        self.readiness.require()
         target = await self.resolve(tenant, req.model)
         _describe(record, req, target)
         body = req.engine_body(target.engine_name, self.cache_salt(tenant))
@@ -142,29 +148,37 @@ class Gateway:
         async with (self.admission.admit(tenant), self._hold(target), self._forgotten(target),
                     self.engine.stream_events(path, body) as bursts):
             yield b""  # primed: the engine accepted the request
-            async for events in bursts:
-                out = []
-                for event in events:
-                    if _USAGE_ONLY in event:
-                        _count_usage(record, json.loads(event[len(b"data: "):]).get("usage"))
-                        if not client_wants_usage:
-                            continue
-                    elif _CHOICES in event and _ROLE_ONLY not in event:
-                        now = time.perf_counter()
-                        if last_token_at is None:
-                            record.ttft_s = now - started
-                        elif self.on_token_gap is not None:
-                            self.on_token_gap(now - last_token_at)
-                        last_token_at = now
-                    out.append(event.replace(needle, replacement, 1))
-                if out:
-                    # Events that arrived together leave together: one write, not one each.
-                    yield b"\n\n".join(out) + b"\n\n"
+            try:
+                async for events in bursts:
+                    out = []
+                    for event in events:
+                        if _USAGE_ONLY in event:
+                            _count_usage(record,
+                                         json.loads(event[len(b"data: "):]).get("usage"))
+                            if not client_wants_usage:
+                                continue
+                        elif _CHOICES in event and _ROLE_ONLY not in event:
+                            now = time.perf_counter()
+                            if last_token_at is None:
+                                record.ttft_s = now - started
+                            elif self.on_token_gap is not None:
+                                self.on_token_gap(now - last_token_at)
+                            last_token_at = now
+                        out.append(event.replace(needle, replacement, 1))
+                    if out:
+                        # Events that arrived together leave together: one write, not one each.
+                        yield b"\n\n".join(out) + b"\n\n"
+            except Unavailable as exc:  # the engine broke the stream off mid-way
+                record.error = exc.code
+                # The type is the one server/errors.py gives `Unavailable` (its 503 answers).
+                error = {"message": exc.message, "type": "service_unavailable_error",
+                         "param": None, "code": exc.code}
+                yield b"data: " + json.dumps({"error": error}).encode() + b"\n\ndata: [DONE]\n\n"
 
-    async def models(self, tenant: str) -> list[dict[str, Any]]:
+    async def models(self, tenant: str) -> list[ModelObject]:
         """OpenAI model objects for what this tenant may call."""
-        data = [{"id": self.base_model_name, "object": "model", "created": 0,
-                 "owned_by": "loraplex", "root": self.base_model_name, "parent": None}]
+        data = [ModelObject(id=self.base_model_name, created=0, owned_by="loraplex",
+                            root=self.base_model_name, parent=None)]
         for adapter in await self.registry.list_adapters(tenant):
             if not adapter.versions:
                 continue
@@ -172,8 +186,8 @@ class Gateway:
             ids = [adapter.name]
             ids += [f"{adapter.name}@{v.version}" for v in adapter.versions]
             ids += [f"{adapter.name}@{a.alias}" for a in adapter.aliases]
-            data += [{"id": i, "object": "model", "created": created, "owned_by": tenant,
-                      "root": self.base_model_name, "parent": self.base_model_name}
+            data += [ModelObject(id=i, created=created, owned_by=tenant,
+                                 root=self.base_model_name, parent=self.base_model_name)
                      for i in ids]
         return data
 

@@ -1,12 +1,16 @@
-"""The gateway's long-lived parts, built from Settings, started and stopped together."""
+"""The composition root: every long-lived part of a gateway (or a training worker) built from
+Settings, wired together once, started and stopped together. No logic of its own lives here:
+serving is in `gateway`, the admin API in `admin`, fine-tuning in `fine_tuning`, background
+loops in `watchers`, engine readiness in `engine.readiness`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import secrets
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,25 +21,29 @@ from adapters.base_model import BaseModelInfo, ensure_default_model
 from adapters.disk_cache import DiskCache
 from adapters.registry import Registry
 from adapters.residency import Residency
-from adapters.s3_store import S3Store, parse_s3_uri
+from adapters.s3.store import S3Store
+from adapters.s3.uris import parse_s3_uri
+from adapters.sources import AdapterSources
 from adapters.store import AdapterStore, LocalStore
-from adapters.training.jobs import STATUSES, JobStore
+from adapters.training.jobs import JobStore
+from adapters.training.worker import Worker
 from adapters.validation import AdapterLimits
+from server.admin import AdminService
 from server.admission import FairAdmission
 from server.auth import TenantAuth
 from server.engine.client import EngineClient
 from server.engine.process import EngineProcess
+from server.engine.readiness import EngineReadiness
+from server.fine_tuning import FineTuningService
 from server.gateway import Gateway
 from server.metrics import Metrics
 from server.settings import Settings
-
-log = logging.getLogger(__name__)
-
-HEALTH_POLL_S = 2.0
-TRAINING_POLL_S = 10.0
-# How often the registry generation is read: changes made by another gateway or by a training
-# worker (revoked keys, new versions, aliases, deletes) reach this gateway within this time.
-REGISTRY_POLL_S = 1.0
+from server.watchers import (
+    RegistryWatcher,
+    start_from_clean_slate,
+    watch_engine,
+    watch_training,
+)
 
 
 def read_or_create_secret(path: Path, make: str) -> str:
@@ -53,9 +61,8 @@ def read_or_create_secret(path: Path, make: str) -> str:
 
 def build_store(settings: Settings, metrics: Metrics | None = None) -> tuple[AdapterStore, str]:
     """The adapter store the settings name, and its `source` label ("s3" or "local")."""
-    if not settings.uses_s3:
+    if settings.store is None or not settings.uses_s3:
         return LocalStore(settings.store_dir), "local"
-    assert settings.store is not None
     bucket, prefix = parse_s3_uri(settings.store)
     metrics = metrics or Metrics()
     cache = DiskCache(settings.cache_dir, settings.cache_max_bytes,
@@ -71,26 +78,69 @@ def resolve_model_path(settings: Settings) -> Path:
     return settings.model_path or ensure_default_model(settings.models_dir)
 
 
+def adapter_limits(settings: Settings) -> AdapterLimits:
+    return AdapterLimits(settings.max_lora_rank, settings.max_adapter_bytes)
+
+
+def tokenizer_loader(model_path: Path) -> Callable[[], Awaitable[Any]]:
+    """Loads the base model's tokenizer (for dataset checks) once, on first use."""
+    loaded: list[Any] = []
+
+    async def load() -> Any:
+        if not loaded:
+            from transformers import AutoTokenizer
+
+            loaded.append(await asyncio.to_thread(AutoTokenizer.from_pretrained, str(model_path)))
+        return loaded[0]
+
+    return load
+
+
+class Background:
+    """Fire-and-forget tasks (retiring deleted versions, validating job files), each kept
+    referenced until it ends so it is not garbage-collected mid-way."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def pending(self) -> list[asyncio.Task[None]]:
+        return list(self._tasks)
+
+
+def build_worker(settings: Settings, registry: Registry, model_path: Path) -> Worker:
+    """A training worker (`loraplex worker`): the registry, the store and the base model, no
+    engine and no gateway."""
+    store, _ = build_store(settings)
+    return Worker(JobStore(registry, settings.home / "files"), registry, store, model_path,
+                  BaseModelInfo.from_folder(model_path), adapter_limits(settings),
+                  settings.model_name, settings.home / "training", lease_s=settings.worker_lease_s)
+
+
 @dataclass
 class Services:
     settings: Settings
     registry: Registry
     store: AdapterStore
-    base_info: BaseModelInfo
     engine: EngineClient
+    readiness: EngineReadiness
     residency: Residency
     gateway: Gateway
     auth: TenantAuth
-    admin_token: str
-    limits: AdapterLimits
-    metrics: Metrics
+    admin: AdminService
+    fine_tuning: FineTuningService
     jobs: JobStore
+    metrics: Metrics
+    admin_token: str
     model_path: Path
+    registry_watcher: RegistryWatcher
     engine_process: EngineProcess | None = None
-    _tokenizer: Any = None
-    engine_ready: bool = False
+    background: Background = field(default_factory=Background)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    _background: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
     def build(cls, settings: Settings, *, model_path: Path | None = None,
@@ -105,6 +155,7 @@ class Services:
             process = EngineProcess(settings, model_path, settings.home / "logs" / "engine.log")
             engine_url = process.url
         engine = EngineClient(engine_url, settings.engine_request_timeout_s, engine_transport)
+        readiness = EngineReadiness(metrics.engine_up)
         store, source = build_store(settings, metrics)
 
         def on_residency_event(event: str, _name: str, seconds: float) -> None:
@@ -124,26 +175,49 @@ class Services:
         admission = FairAdmission(settings.max_in_flight, settings.tenant_max_in_flight,
                                   settings.tenant_max_queue, settings.admission_wait_s)
         metrics.queued.set_function(lambda: admission.queued)
-        gateway = Gateway(registry, store, residency, engine, settings.model_name, salt.encode(),
-                          admission, on_token_gap=metrics.itl.observe)
-        services = cls(settings=settings, registry=registry, store=store,
-                       base_info=BaseModelInfo.from_folder(model_path), engine=engine,
-                       residency=residency, gateway=gateway, auth=TenantAuth(registry),
-                       admin_token=admin_token,
-                       limits=AdapterLimits(settings.max_lora_rank, settings.max_adapter_bytes),
-                       metrics=metrics, jobs=JobStore(registry, settings.home / "files"),
-                       model_path=model_path, engine_process=process)
-        gateway.on_engine_forgot = services.mark_engine_down
+        gateway = Gateway(registry, store, residency, engine, readiness, settings.model_name,
+                          salt.encode(), admission, on_token_gap=metrics.itl.observe)
+        base_info = BaseModelInfo.from_folder(model_path)
+        jobs = JobStore(registry, settings.home / "files")
+        background = Background()
+        auth = TenantAuth(registry)
+
+        def forget_lookups() -> None:
+            auth.forget()
+            gateway.forget_resolutions()
+
+        registry_watcher = RegistryWatcher(registry, forget_lookups, settings.registry_poll_s)
+        sources = AdapterSources(
+            local_allowlist=settings.local_source_allowlist,
+            s3_allowlist=settings.s3_source_allowlist, max_bytes=settings.max_adapter_bytes,
+            s3_client=store.client if isinstance(store, S3Store) else None)
+        admin = AdminService(
+            registry=registry, store=store, sources=sources, residency=residency,
+            readiness=readiness, pin=gateway.pin, base_info=base_info,
+            limits=adapter_limits(settings), model_name=settings.model_name,
+            staging_root=settings.home / "tmp", engine=engine, engine_process=process,
+            spawn=background.spawn)
+        fine_tuning = FineTuningService(jobs, settings, base_info, tokenizer_loader(model_path),
+                                        background.spawn)
+        services = cls(settings=settings, registry=registry, store=store, engine=engine,
+                       readiness=readiness, residency=residency, gateway=gateway,
+                       auth=auth, admin=admin, fine_tuning=fine_tuning,
+                       jobs=jobs, metrics=metrics, admin_token=admin_token,
+                       model_path=model_path, engine_process=process, background=background,
+                       registry_watcher=registry_watcher)
+        registry.on_change(services.registry_watcher.changed_here)
         return services
 
     async def start(self) -> None:
         await self.registry.create_schema()
+        s = self.settings
         if self.engine_process is not None:
-            self._tasks.append(asyncio.create_task(
-                self.engine_process.supervise(on_restart=self._on_engine_exit)))
-        self._tasks.append(asyncio.create_task(self._watch_engine()))
-        self._tasks.append(asyncio.create_task(self._watch_training()))
-        self._tasks.append(asyncio.create_task(self._watch_registry()))
+            self._run(self.engine_process.supervise(on_restart=self._on_engine_exit))
+        self._run(watch_engine(self.engine, self.readiness, self._on_engine_up,
+                               s.engine_health_poll_s))
+        self._run(self.registry_watcher.run())
+        self._run(watch_training(self.jobs, self.metrics, s.training_metrics_poll_s))
+        self.background.spawn(self.fine_tuning.resume_validation())
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -156,93 +230,17 @@ class Services:
         await self.engine.aclose()
         await self.registry.close()
 
-    async def tokenizer(self) -> Any:
-        """The base model's tokenizer (for dataset checks), loaded once on first use."""
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
+    def forget_lookups(self) -> None:
+        """Drop cached key and model lookups (the registry changed)."""
+        self.registry_watcher.forget_lookups()
 
-            self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained,
-                                                      str(self.model_path))
-        return self._tokenizer
-
-    def spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
-        """Run a coroutine in the background, keeping a reference until it ends."""
-        task = asyncio.create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def _run(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._tasks.append(asyncio.create_task(coro))
 
     def _on_engine_exit(self) -> None:
         """The spawned engine died: stop sending it work now, not at the next health poll."""
         self.metrics.engine_restarts.inc()
-        self.mark_engine_down()
-
-    def mark_engine_down(self) -> None:
-        """Treat the engine as down until the next health poll finds it answering; then
-        `_watch_engine` starts from a clean adapter slate (and preloads pins), as after any
-        restart."""
-        if self.engine_ready:
-            log.warning("engine is down")
-        self.engine_ready = False
-        self.metrics.engine_up.set(0)
-
-    async def _watch_engine(self) -> None:
-        """Track engine health; when it comes (back) up, start from a clean adapter slate."""
-        while True:
-            if await self.engine.healthy():
-                if not self.engine_ready:
-                    await self._on_engine_up()
-                self.engine_ready = True
-                self.metrics.engine_up.set(1)
-            else:
-                self.mark_engine_down()
-            await asyncio.sleep(HEALTH_POLL_S)
-
-    def forget_lookups(self) -> None:
-        """Drop cached key and model lookups (the registry changed)."""
-        self.auth.forget()
-        self.gateway.forget_resolutions()
-
-    async def _watch_registry(self) -> None:
-        """Lookups are cached per gateway; drop them when the registry generation moves, so
-        they can be kept long without a revoked key or a moved alias outliving the change."""
-        seen: int | None = None
-        while True:
-            try:
-                generation = await self.registry.generation()
-                if seen is not None and generation != seen:
-                    self.forget_lookups()
-                seen = generation
-            except Exception:  # noqa: BLE001 - keep serving from the caches; retry next poll
-                log.warning("could not read the registry generation", exc_info=True)
-            await asyncio.sleep(REGISTRY_POLL_S)
-
-    async def _watch_training(self) -> None:
-        """Refresh the training-job gauges (jobs live in the database, workers elsewhere)."""
-        m = self.metrics
-        while True:
-            try:
-                counts, progress = await self.jobs.status_counts()
-                for status in STATUSES:
-                    m.training_jobs.labels(status).set(counts.get(status, 0))
-                m.training_progress.clear()  # only running jobs: bounded cardinality
-                for job_id, share in progress.items():
-                    m.training_progress.labels(job_id).set(share)
-            except Exception:  # noqa: BLE001 - metrics must never take the gateway down
-                log.warning("could not refresh training metrics", exc_info=True)
-            await asyncio.sleep(TRAINING_POLL_S)
+        self.readiness.mark_down("the engine process exited")
 
     async def _on_engine_up(self) -> None:
-        # Whatever was loaded before is unknown to this gateway (a restart of either side).
-        self.residency.forget_all()
-        try:
-            for name in await self.engine.loaded_adapters():
-                await self.engine.unload_adapter(name)
-        except Exception:  # noqa: BLE001 - best effort; slots are reclaimed by LRU anyway
-            log.warning("could not clear adapters left in the engine", exc_info=True)
-        log.info("engine is ready at %s", self.engine.base_url)
-        for version in await self.registry.pinned_versions():
-            try:
-                await self.gateway.pin(version)
-                log.info("preloaded pinned adapter %s", version.engine_name)
-            except Exception:  # noqa: BLE001 - one bad pin must not keep the others out
-                log.warning("could not preload %s", version.engine_name, exc_info=True)
+        await start_from_clean_slate(self.engine, self.residency, self.registry, self.gateway.pin)

@@ -88,6 +88,14 @@ class Settings(BaseSettings):
     worker_lease_s: float = Field(default=30.0, ge=3)
     """A job whose worker has not renewed its lease for this long is taken over by another."""
 
+    engine_health_poll_s: float = Field(default=2.0, gt=0)
+    """How often the engine's health is checked (an engine restart is noticed within this)."""
+    registry_poll_s: float = Field(default=1.0, gt=0)
+    """How often the registry generation is read: revocations, alias moves and new versions
+    made by another gateway or a training worker reach this one within this time."""
+    training_metrics_poll_s: float = Field(default=10.0, gt=0)
+    """How often the training-job gauges are refreshed from the registry."""
+
     store: str | None = None
     """Where adapter versions live: `s3://bucket/prefix`, or a local folder (default: home/store)."""
     s3_endpoint_url: str | None = None

@@ -21,7 +21,6 @@ from sqlalchemy.orm import selectinload
 
 from adapters.errors import Conflict, NotFound
 from adapters.names import ModelRef, check_alias, check_name
-from adapters.spec import AdapterSpec
 from adapters.registry.models import (
     Adapter,
     AdapterVersion,
@@ -32,6 +31,7 @@ from adapters.registry.models import (
     Tenant,
     utcnow,
 )
+from adapters.spec import AdapterSpec
 
 __all__ = ["Registry", "VersionSpec", "Adapter", "AdapterVersion", "Alias", "ApiKey", "Tenant"]
 
@@ -67,11 +67,11 @@ class Registry:
         if url.startswith("sqlite"):
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
-        self._listeners: list[Callable[[], None]] = []
+        self._listeners: list[Callable[[int], None]] = []
 
-    def on_change(self, listener: Callable[[], None]) -> None:
-        """Call `listener` after every committed change that moves the generation, so this
-        process drops its cached lookups at once (other processes see the generation move)."""
+    def on_change(self, listener: Callable[[int], None]) -> None:
+        """Call `listener(generation)` after every committed change that moves the generation,
+        so this process drops its cached lookups at once (others see the generation move)."""
         self._listeners.append(listener)
 
     async def create_schema(self) -> None:
@@ -100,9 +100,10 @@ class Registry:
         async with self._sessions() as session:
             async with session.begin():
                 yield session
-            if session.info.get("changed"):  # committed: now nobody may act on the old state
+            generation = session.info.get("generation")
+            if generation is not None:  # committed: now nobody may act on the old state
                 for listener in self._listeners:
-                    listener()
+                    listener(generation)
 
     def transaction(self):  # type: ignore[no-untyped-def]
         """One transaction, for repositories that share this database (training jobs)."""
@@ -331,9 +332,9 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
 
 async def _changed(s: AsyncSession) -> None:
     """Bump the registry generation in the caller's transaction (committed with the change)."""
-    s.info["changed"] = True
-    await s.execute(update(RegistryState).where(RegistryState.id == 1)
-                    .values(generation=RegistryState.generation + 1))
+    s.info["generation"] = await s.scalar(
+        update(RegistryState).where(RegistryState.id == 1)
+        .values(generation=RegistryState.generation + 1).returning(RegistryState.generation))
 
 
 async def _tenant(s: AsyncSession, tenant_id: str) -> Tenant:

@@ -10,7 +10,8 @@ the cache was checked against the manifest's sizes and sha256 first, so a corrup
 truncated object is refused (Corrupt) instead of being loaded.
 
 boto3 is synchronous; every call runs in a thread. botocore's own retries (standard mode,
-`max_attempts`) absorb brief throttling and 5xx; what is left is mapped to the domain errors by `adapters.s3.errors`.
+`max_attempts`) absorb brief throttling and 5xx; what is left is mapped to the domain errors
+by `adapters.s3.errors`.
 """
 
 from __future__ import annotations

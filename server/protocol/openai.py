@@ -66,3 +66,19 @@ class CompletionRequest(GenerationRequest):
         if v == [] or v == "":
             raise ValueError("prompt must not be empty")
         return v
+
+
+class ModelObject(BaseModel):
+    """OpenAI's model object, with vLLM's `root` and `parent` (the base model of an adapter)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    root: str
+    parent: str | None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]

@@ -4,58 +4,71 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from adapters.errors import NotFound, Unavailable
-from server.deps import ServicesDep, TenantDep, parse_json
-from server.protocol.openai import ChatCompletionRequest, CompletionRequest, GenerationRequest
-from server.services import Services
+from adapters.errors import NotFound
+from server.deps import GatewayDep, TenantDep
+from server.gateway import Gateway
+from server.protocol.common import ERROR_RESPONSES
+from server.protocol.openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationRequest,
+    ModelList,
+    ModelObject,
+)
+from server.routes.json_body import JSONBody, JSONBodyRoute
 
-router = APIRouter(prefix="/v1", tags=["tenant"])
+router = APIRouter(prefix="/v1", tags=["tenant"], route_class=JSONBodyRoute,
+                   responses=ERROR_RESPONSES)
 T = TypeVar("T")
 
+# The answers are vLLM's, relayed (model renamed): documented as objects, not re-validated.
+_GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {200: {
+    "description": "The engine's completion object, or with `stream: true` server-sent events "
+                   "(`data: {chunk}` ... `data: [DONE]`).",
+    "content": {"application/json": {"schema": {"type": "object"}},
+                "text/event-stream": {"schema": {"type": "string"}}}}}
 
-@router.post("/chat/completions")
-async def chat_completions(request: Request, tenant: TenantDep, services: ServicesDep) -> Response:
-    req = await parse_json(request, ChatCompletionRequest)
-    return await _generate(request, services, tenant, "/v1/chat/completions", req)
+
+@router.post("/chat/completions", response_class=Response, responses=_GENERATION_RESPONSES)
+async def chat_completions(request: Request, tenant: TenantDep, gateway: GatewayDep,
+                           req: Annotated[ChatCompletionRequest, JSONBody(ChatCompletionRequest)],
+                           ) -> Response:
+    return await _generate(request, gateway, tenant, "/v1/chat/completions", req)
 
 
-@router.post("/completions")
-async def completions(request: Request, tenant: TenantDep, services: ServicesDep) -> Response:
-    req = await parse_json(request, CompletionRequest)
-    return await _generate(request, services, tenant, "/v1/completions", req)
+@router.post("/completions", response_class=Response, responses=_GENERATION_RESPONSES)
+async def completions(request: Request, tenant: TenantDep, gateway: GatewayDep,
+                      req: Annotated[CompletionRequest, JSONBody(CompletionRequest)]) -> Response:
+    return await _generate(request, gateway, tenant, "/v1/completions", req)
 
 
 @router.get("/models")
-async def list_models(tenant: TenantDep, services: ServicesDep) -> dict[str, Any]:
-    return {"object": "list", "data": await services.gateway.models(tenant)}
+async def list_models(tenant: TenantDep, gateway: GatewayDep) -> ModelList:
+    return ModelList(data=await gateway.models(tenant))
 
 
 @router.get("/models/{model:path}")
-async def retrieve_model(model: str, tenant: TenantDep, services: ServicesDep) -> dict[str, Any]:
-    for entry in await services.gateway.models(tenant):
-        if entry["id"] == model:
+async def retrieve_model(model: str, tenant: TenantDep, gateway: GatewayDep) -> ModelObject:
+    for entry in await gateway.models(tenant):
+        if entry.id == model:
             return entry
     raise NotFound(f"model {model!r} does not exist", param="model", code="model_not_found")
 
 
-async def _generate(request: Request, services: Services, tenant: str, path: str,
+async def _generate(request: Request, gateway: Gateway, tenant: str, path: str,
                     req: GenerationRequest) -> Response:
-    if not services.engine_ready:
-        raise Unavailable("the inference engine is not ready", code="engine_unavailable",
-                          retry_after_s=5)
     record = request.state.record
     if req.stream:
-        events = services.gateway.stream(tenant, path, req, record)
+        events = gateway.stream(tenant, path, req, record)
         await anext(events)  # errors before the first event become HTTP errors here
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-    answer = await _cancel_on_disconnect(request,
-                                         services.gateway.complete(tenant, path, req, record))
+    answer = await _cancel_on_disconnect(request, gateway.complete(tenant, path, req, record))
     return JSONResponse(answer)
 
 

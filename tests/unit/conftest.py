@@ -30,7 +30,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-import server.services as services_module
 from server.app import create_app
 from server.services import Services
 from server.settings import Settings
@@ -54,6 +53,8 @@ MODULES: dict[str, tuple[str, tuple[int, int]]] = {
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "health_poll(seconds): poll the fake engine's health this often (gw fixture)")
+    config.addinivalue_line(
+        "markers", "registry_poll(seconds): read the registry generation this often (gw fixture)")
 
 
 @pytest.fixture(autouse=True)
@@ -264,17 +265,47 @@ class FakeEngine:
 
 
 class SwitchableTransport(httpx.AsyncBaseTransport):
-    """The fake engine's transport; `down = True` makes every call fail to connect."""
+    """The fake engine's transport; `down = True` makes every call fail to connect.
+
+    `break_streams` = (n, error) cuts every event stream after its first n events: the
+    connection then fails with `error` (what the aiohttp transport raises when the engine is
+    killed, resets the connection or stops answering), or just ends if `error` is None.
+    """
 
     def __init__(self, app: Starlette) -> None:
         self.inner = httpx.ASGITransport(app=app)
         self.down = False
+        self.break_streams: tuple[int, httpx.TransportError | None] | None = None
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self.down:
             raise httpx.ConnectError("connection refused (fake engine is down)",
                                      request=request)
-        return await self.inner.handle_async_request(request)
+        resp = await self.inner.handle_async_request(request)
+        if self.break_streams is not None and \
+                resp.headers.get("content-type", "").startswith("text/event-stream"):
+            resp.stream = _BrokenStream(resp.stream, *self.break_streams)
+        return resp
+
+
+class _BrokenStream(httpx.AsyncByteStream):
+    """The first `events` events of `inner` and half of the next one, then `error` (or a
+    plain end)."""
+
+    def __init__(self, inner: httpx.AsyncByteStream | httpx.SyncByteStream, events: int,
+                 error: httpx.TransportError | None) -> None:
+        assert isinstance(inner, httpx.AsyncByteStream)
+        self.inner, self.events, self.error = inner, events, error
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        body = b"".join([chunk async for chunk in self.inner])
+        events = body.split(b"\n\n")
+        assert len(events) > self.events + 1, "the stream has too few events to cut"
+        yield b"".join(event + b"\n\n" for event in events[:self.events])
+        cut = events[self.events]
+        yield cut[:len(cut) // 2]
+        if self.error is not None:
+            raise self.error
 
 
 @pytest.fixture
@@ -373,8 +404,8 @@ class Gw:
 
     async def settle(self) -> None:
         """Wait for background work the admin API spawned (retiring deleted versions)."""
-        while self.services._background:
-            await asyncio.gather(*list(self.services._background), return_exceptions=True)
+        while tasks := self.services.background.pending():
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @pytest.fixture
@@ -382,20 +413,21 @@ async def gw(request: pytest.FixtureRequest, tmp_path: Path, base_model_dir: Pat
              fake_engine: FakeEngine, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Gw]:
     # The health watcher checks once at start; later polls only where a test asks for them,
     # so that a test switching the engine off and on again cannot race a poll.
-    marker = request.node.get_closest_marker("health_poll")
-    monkeypatch.setattr(services_module, "HEALTH_POLL_S",
-                        marker.args[0] if marker is not None else 3600.0)
+    health = request.node.get_closest_marker("health_poll")
+    registry = request.node.get_closest_marker("registry_poll")
     allowed = tmp_path / "allowed"
     allowed.mkdir()
     settings = Settings(home=tmp_path / "home", admin_token=ADMIN_TOKEN,
                         engine_url="http://fake-engine", max_resident_adapters=2, max_loras=1,
-                        max_lora_rank=16, local_source_allowlist=[allowed])
+                        max_lora_rank=16, local_source_allowlist=[allowed],
+                        engine_health_poll_s=health.args[0] if health else 3600.0,
+                        registry_poll_s=registry.args[0] if registry else 1.0)
     transport = SwitchableTransport(fake_engine.app)
     services = Services.build(settings, model_path=base_model_dir, engine_transport=transport)
     app = create_app(services)
     await services.start()  # what the app's lifespan does (no asgi-lifespan installed)
     try:
-        await wait_until(lambda: services.engine_ready, "the engine to be ready")
+        await wait_until(lambda: services.readiness.ready, "the engine to be ready")
         async with httpx.AsyncClient(
                 transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
                 base_url="http://test") as client:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 
+import httpx
 import pytest
 
-from adapters.registry import hash_key
-from server import services as services_module
+from adapters.registry import Registry, hash_key
 from tests.unit.conftest import wait_until
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -115,6 +115,46 @@ async def test_stream_for_unknown_model_is_a_plain_404(gw):
     resp, _text = await _stream(gw, "acme", key, "/v1/chat/completions", body)
     assert resp.status_code == 404
     gw.expect_error(resp, 404, code="model_not_found")
+
+
+@pytest.mark.parametrize("break_with", [
+    httpx.ReadError("connection reset by peer"),  # what a killed engine's socket gives
+    httpx.ReadTimeout("timed out"),
+    None,  # the connection just ends, without vLLM's closing [DONE]
+], ids=["reset", "timeout", "early-end"])
+async def test_stream_the_engine_breaks_ends_with_an_error_event(gw, make_adapter, caplog,
+                                                                 break_with):
+    key = await gw.new_tenant("acme")
+    version = await gw.register("acme", "support", make_adapter())
+    caplog.set_level("INFO", logger="loraplex.access")
+    gw.transport.break_streams = (2, break_with)
+    body = {"model": "support", "stream": True,
+            "messages": [{"role": "user", "content": "Capital of France?"}]}
+    async with gw.client.stream("POST", "/v1/chat/completions", json=body,
+                                headers={**gw.headers("acme", key), "X-Request-ID": "cut-1"}
+                                ) as resp:
+        raw = await resp.aread()  # the response ends cleanly: no incomplete chunked read
+    assert resp.status_code == 200
+    text = raw.decode()
+    assert text.endswith("\n\n") and version["engine_name"] not in text
+    events = sse_events(text)
+    # What arrived is passed on (the half event after it is not), then vLLM's error shape.
+    assert [json.loads(e)["choices"][0]["delta"]["content"] for e in events[:2]] == ["Par", "is"]
+    assert len(events) == 4 and events[3] == "[DONE]"
+    error = json.loads(events[2])
+    assert set(error) == {"error"}
+    assert error["error"]["type"] == "service_unavailable_error"
+    assert error["error"]["code"] == "engine_unavailable" and error["error"]["param"] is None
+    assert "engine" in error["error"]["message"] and "retry" in error["error"]["message"]
+    lines = [json.loads(r.getMessage()) for r in caplog.records
+             if r.name == "loraplex.access" and '"cut-1"' in r.getMessage()]
+    assert len(lines) == 1 and lines[0]["error"] == "engine_unavailable", lines
+    # Nothing stays held: the next requests are served.
+    gw.transport.break_streams = None
+    resp, text = await _stream(gw, "acme", key, "/v1/chat/completions", body)
+    assert resp.status_code == 200 and sse_events(text)[-1] == "[DONE]"
+    assert "error" not in text
+    assert (await gw.chat("acme", key, "support")).status_code == 200
 
 
 # -- what is forwarded ---------------------------------------------------------------------------
@@ -249,7 +289,7 @@ async def test_deleting_an_adapter_unloads_it_and_erases_its_files(gw, make_adap
     name = version["engine_name"]
     stored = gw.engine.loaded[name]
     resp = await gw.admin("DELETE", "/admin/tenants/acme/adapters/support")
-    assert resp.json() == {"id": "support", "deleted": True}
+    assert resp.json() == {"id": "support", "object": "adapter", "deleted": True}
     await gw.settle()
     assert name not in gw.engine.loaded
     assert gw.engine.unload_calls == [name]
@@ -317,11 +357,11 @@ async def test_engine_restart_clears_leftovers_and_reloads(gw, make_adapter):
     version = await gw.register("acme", "support", make_adapter())
     assert (await gw.chat("acme", key, "support")).status_code == 200
     gw.engine.healthy = False
-    await wait_until(lambda: not gw.services.engine_ready, "the engine to be seen down")
+    await wait_until(lambda: not gw.services.readiness.ready, "the engine to be seen down")
     # The engine comes back with an adapter this gateway did not load (and without ours).
     gw.engine.loaded = {"left-over": "/somewhere"}
     gw.engine.healthy = True
-    await wait_until(lambda: gw.services.engine_ready, "the engine to be seen up")
+    await wait_until(lambda: gw.services.readiness.ready, "the engine to be seen up")
     assert "left-over" in gw.engine.unload_calls
     assert gw.engine.loaded == {}
     assert (await gw.chat("acme", key, "support")).status_code == 200
@@ -340,7 +380,7 @@ async def test_engine_restart_between_health_polls_is_caught_by_its_404(gw, make
     resp = await gw.chat("acme", key, "support", stream=stream)
     gw.expect_error(resp, 503, code="engine_unavailable")  # not the engine's misleading 404
     assert resp.headers["retry-after"]
-    await wait_until(lambda: gw.services.engine_ready, "the engine to be seen up again")
+    await wait_until(lambda: gw.services.readiness.ready, "the engine to be seen up again")
     assert (await gw.chat("acme", key, "support", stream=stream)).status_code == 200
     assert [c["lora_name"] for c in gw.engine.load_calls] == [version["engine_name"]] * 2
     resp = await gw.chat("acme", key, "nope")
@@ -374,10 +414,11 @@ async def test_two_keys_revoking_one_keeps_the_other(gw):
     assert (await gw.chat("acme", key1, BASE)).status_code == 200
 
 
-async def test_changes_made_elsewhere_reach_the_cached_lookups(gw, make_adapter, monkeypatch):
+@pytest.mark.registry_poll(0.05)
+async def test_changes_made_elsewhere_reach_the_cached_lookups(gw, make_adapter):
     # Another gateway sharing the database, or a training worker, writes to the registry
     # without clearing this gateway's caches: the registry generation tells it.
-    monkeypatch.setattr(services_module, "REGISTRY_POLL_S", 0.05)
+    elsewhere = Registry(gw.settings.registry_url)
     key = await gw.new_tenant("acme")
     v1 = await gw.register("acme", "support", make_adapter())
     v2 = await gw.register("acme", "support", make_adapter())
@@ -385,7 +426,7 @@ async def test_changes_made_elsewhere_reach_the_cached_lookups(gw, make_adapter,
     assert (await gw.chat("acme", key, "support@prod")).status_code == 200
     assert gw.engine.bodies[-1]["model"] == v1["engine_name"]  # now cached
 
-    await gw.services.registry.set_alias("acme", "support", "prod", 2)
+    await elsewhere.set_alias("acme", "support", "prod", 2)
 
     async def alias_moved() -> bool:
         assert (await gw.chat("acme", key, "support@prod")).status_code == 200
@@ -394,12 +435,13 @@ async def test_changes_made_elsewhere_reach_the_cached_lookups(gw, make_adapter,
     await wait_until(alias_moved, "the moved alias to be seen")
 
     key_id = (await gw.admin("GET", "/admin/tenants/acme/keys")).json()["data"][0]["id"]
-    await gw.services.registry.revoke_key("acme", key_id)
+    await elsewhere.revoke_key("acme", key_id)
 
     async def key_refused() -> bool:
         return (await gw.chat("acme", key, BASE)).status_code == 401
 
     await wait_until(key_refused, "the revoked key to be refused")
+    await elsewhere.close()
 
 
 async def test_repeated_and_concurrent_requests_share_lookups(gw, make_adapter, monkeypatch):

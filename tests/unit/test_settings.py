@@ -33,6 +33,6 @@ def test_empty_allowlists_allow_nothing(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_a_bad_s3_allowlist_entry_is_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LORAPLEX_S3_SOURCE_ALLOWLIST", "s3://ok,https://not-s3")
+    monkeypatch.setenv("LORAPLEX_S3_SOURCE_ALLOWLIST", "s3://team-a,https://not-s3")
     with pytest.raises(ValidationError, match="not an s3:// URI"):
         Settings()

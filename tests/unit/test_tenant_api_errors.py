@@ -270,14 +270,14 @@ async def test_engine_unreachable_while_loading_adapter_is_503(gw, make_adapter)
 async def test_engine_unhealthy_is_503_then_recovers(gw):
     key = await gw.new_tenant("acme")
     gw.engine.healthy = False
-    await wait_until(lambda: not gw.services.engine_ready, "the engine to be seen down")
+    await wait_until(lambda: not gw.services.readiness.ready, "the engine to be seen down")
     resp = await gw.chat("acme", key, BASE)
     gw.expect_error(resp, 503, code="engine_unavailable")
     assert resp.headers["retry-after"] == "5"
     gw.expect_error(await gw.client.get("/healthz"), 503)
     assert gw.engine.requests == []
     gw.engine.healthy = True
-    await wait_until(lambda: gw.services.engine_ready, "the engine to be seen up")
+    await wait_until(lambda: gw.services.readiness.ready, "the engine to be seen up")
     assert (await gw.chat("acme", key, BASE)).status_code == 200
     assert (await gw.client.get("/healthz")).json()["status"] == "ok"
 

@@ -108,7 +108,7 @@ def test_saved_adapter_is_a_servable_peft_folder(trained):
     # The registration checks the server runs (names, shapes, features vLLM can serve).
     validated = validate_adapter(result.adapter_dir, BaseModelInfo.from_folder(MODEL_DIR),
                                  AdapterLimits(max_rank=64, max_weights_bytes=1 << 30))
-    assert validated.rank == 8 and validated.base_model == BASE_NAME
+    assert validated.spec.rank == 8 and validated.spec.base_model == BASE_NAME
     weights = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
     assert len(weights) == 30 * 4 * 2  # layers x targets x (A, B)
     assert any(float(t.abs().max()) > 0 for k, t in weights.items() if "lora_B" in k)  # trained

@@ -1,0 +1,123 @@
+"""Admin: a tenant's adapters, their versions, pins and aliases."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Request
+from starlette.datastructures import UploadFile
+
+from adapters.errors import InvalidInput
+from adapters.sources import AdapterSources, UploadedFile
+from server.deps import AdminDep, AdminServiceDep, parse_json
+from server.protocol.admin import (
+    AdapterList,
+    AdapterObject,
+    AdapterVersionObject,
+    AliasDeleted,
+    AliasObject,
+    AliasSet,
+    VersionSource,
+)
+from server.protocol.common import ERROR_RESPONSES, Deleted
+from server.routes.json_body import JSONBody, JSONBodyRoute
+
+router = APIRouter(prefix="/admin", tags=["admin: adapters"], dependencies=[AdminDep],
+                   responses=ERROR_RESPONSES, route_class=JSONBodyRoute)
+
+# One endpoint takes either the files (multipart) or a folder to copy them from (JSON), so
+# its body is read by hand and described here for /openapi.json.
+_VERSION_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {
+        "type": "object",
+        "description": "One file part per adapter file, named after the file "
+                       "(curl -F adapter_config.json=@... -F adapter_model.safetensors=@...).",
+        "properties": {"adapter_config.json": {"type": "string", "format": "binary"},
+                       "adapter_model.safetensors": {"type": "string", "format": "binary"}},
+        "required": ["adapter_config.json", "adapter_model.safetensors"]}},
+    "application/json": {"schema": VersionSource.model_json_schema()},
+}}}
+
+
+@router.post("/tenants/{tenant}/adapters/{name}/versions", status_code=201,
+             openapi_extra=_VERSION_BODY)
+async def create_version(tenant: str, name: str, request: Request,
+                         admin: AdminServiceDep) -> AdapterVersionObject:
+    """Register a new version of the adapter (created with its first version)."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form(max_files=8, max_fields=8)
+        try:
+            row = await admin.register_upload(tenant, name, _uploaded_files(form.multi_items()))
+        finally:
+            await form.close()
+    else:
+        row = await admin.register_from(tenant, name, await parse_json(request, VersionSource))
+    return AdapterVersionObject.from_row(row, tenant, name)
+
+
+def _uploaded_files(items: list[tuple[str, UploadFile | str]]) -> list[UploadedFile]:
+    files = []
+    for field_name, value in items:
+        if not isinstance(value, UploadFile):
+            raise InvalidInput(f"form field {field_name!r} is not a file; send one file "
+                               "part per adapter file", param=field_name)
+        files.append(UploadedFile(AdapterSources.upload_name(field_name, value.filename),
+                                  value.file))
+    return files
+
+
+@router.get("/tenants/{tenant}/adapters")
+async def list_adapters(tenant: str, admin: AdminServiceDep) -> AdapterList:
+    return AdapterList(data=[AdapterObject.from_row(a, tenant)
+                             for a in await admin.list_adapters(tenant)])
+
+
+@router.get("/tenants/{tenant}/adapters/{name}")
+async def get_adapter(tenant: str, name: str, admin: AdminServiceDep) -> AdapterObject:
+    return AdapterObject.from_row(await admin.get_adapter(tenant, name), tenant)
+
+
+@router.delete("/tenants/{tenant}/adapters/{name}")
+async def delete_adapter(tenant: str, name: str, admin: AdminServiceDep) -> Deleted:
+    """Delete the adapter with every version and alias (unloaded once idle, files erased)."""
+    await admin.delete_adapter(tenant, name)
+    return Deleted(id=name, object="adapter")
+
+
+@router.get("/tenants/{tenant}/adapters/{name}/versions/{version}")
+async def get_version(tenant: str, name: str, version: int,
+                      admin: AdminServiceDep) -> AdapterVersionObject:
+    return AdapterVersionObject.from_row(await admin.get_version(tenant, name, version),
+                                         tenant, name)
+
+
+@router.delete("/tenants/{tenant}/adapters/{name}/versions/{version}")
+async def delete_version(tenant: str, name: str, version: int, admin: AdminServiceDep) -> Deleted:
+    await admin.delete_version(tenant, name, version)
+    return Deleted(id=f"{name}@{version}", object="adapter_version")
+
+
+@router.put("/tenants/{tenant}/adapters/{name}/versions/{version}/pin")
+async def pin_version(tenant: str, name: str, version: int,
+                      admin: AdminServiceDep) -> AdapterVersionObject:
+    """Preload this version now and at every engine start, and keep it resident."""
+    return AdapterVersionObject.from_row(await admin.pin(tenant, name, version), tenant, name)
+
+
+@router.delete("/tenants/{tenant}/adapters/{name}/versions/{version}/pin")
+async def unpin_version(tenant: str, name: str, version: int,
+                        admin: AdminServiceDep) -> AdapterVersionObject:
+    return AdapterVersionObject.from_row(await admin.unpin(tenant, name, version), tenant, name)
+
+
+@router.put("/tenants/{tenant}/adapters/{name}/aliases/{alias}")
+async def set_alias(tenant: str, name: str, alias: str, admin: AdminServiceDep,
+                    body: Annotated[AliasSet, JSONBody(AliasSet)]) -> AliasObject:
+    version = await admin.set_alias(tenant, name, alias, body.version)
+    return AliasObject(adapter=name, alias=alias, version=version)
+
+
+@router.delete("/tenants/{tenant}/adapters/{name}/aliases/{alias}")
+async def delete_alias(tenant: str, name: str, alias: str, admin: AdminServiceDep) -> AliasDeleted:
+    await admin.delete_alias(tenant, name, alias)
+    return AliasDeleted(adapter=name, alias=alias)

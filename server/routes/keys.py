@@ -1,0 +1,33 @@
+"""Admin: a tenant's API keys."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter
+
+from server.deps import AdminDep, AdminServiceDep
+from server.protocol.admin import CreatedKey, KeyCreate, KeyList, KeyObject
+from server.protocol.common import ERROR_RESPONSES
+from server.routes.json_body import JSONBody, JSONBodyRoute
+
+router = APIRouter(prefix="/admin", tags=["admin: keys"], dependencies=[AdminDep],
+                   responses=ERROR_RESPONSES, route_class=JSONBodyRoute)
+
+
+@router.post("/tenants/{tenant}/keys", status_code=201)
+async def create_key(tenant: str, admin: AdminServiceDep,
+                     body: Annotated[KeyCreate, JSONBody(KeyCreate, optional=True)]) -> CreatedKey:
+    """A new key; the secret is in this answer only. The body is optional."""
+    row, key = await admin.create_key(tenant, body.name)
+    return CreatedKey(**KeyObject.from_row(row).model_dump(), key=key)
+
+
+@router.get("/tenants/{tenant}/keys")
+async def list_keys(tenant: str, admin: AdminServiceDep) -> KeyList:
+    return KeyList(data=[KeyObject.from_row(k) for k in await admin.list_keys(tenant)])
+
+
+@router.delete("/tenants/{tenant}/keys/{key_id}")
+async def revoke_key(tenant: str, key_id: str, admin: AdminServiceDep) -> KeyObject:
+    return KeyObject.from_row(await admin.revoke_key(tenant, key_id))
