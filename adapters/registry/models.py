@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Any
 
 from sqlalchemy import JSON, ForeignKey, Integer, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -146,13 +147,14 @@ class FineTuneJob(Base):
     validation_file: Mapped[str | None] = mapped_column(String(40), default=None)
     adapter_name: Mapped[str] = mapped_column(String(64))
     suffix: Mapped[str | None] = mapped_column(String(64), default=None)
-    hyperparameters: Mapped[dict] = mapped_column(JSON, default=dict)
-    lora: Mapped[dict] = mapped_column(JSON, default=dict)
+    # The recipe (adapters.training.recipe): ResolvedHyperparameters and LoraRecipe, dumped.
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    lora: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     seed: Mapped[int] = mapped_column(default=42)
-    status: Mapped[str] = mapped_column(String(32), index=True)
+    status: Mapped[str] = mapped_column(String(32), index=True)  # a JobStatus value
     fine_tuned_model: Mapped[str | None] = mapped_column(String(200), default=None)
-    error: Mapped[dict | None] = mapped_column(JSON, default=None)
-    result: Mapped[dict] = mapped_column(JSON, default=dict)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)  # code, param, message
+    result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     trained_tokens: Mapped[int | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -170,7 +172,7 @@ class JobEvent(Base):
     level: Mapped[str] = mapped_column(String(16), default="info")
     type: Mapped[str] = mapped_column(String(16), default="message")
     message: Mapped[str] = mapped_column(String(2000))
-    data: Mapped[dict] = mapped_column(JSON, default=dict)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -182,5 +184,5 @@ class JobCheckpoint(Base):
     job_id: Mapped[str] = mapped_column(
         ForeignKey("fine_tuning_jobs.id", ondelete="CASCADE"), index=True)
     step: Mapped[int] = mapped_column()
-    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

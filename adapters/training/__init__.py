@@ -1,4 +1,5 @@
-"""LoRA fine-tuning: dataset validation (`dataset`, no torch needed) and the trainer (`trainer`).
+"""LoRA fine-tuning: the recipe (`recipe`) and dataset validation (`dataset`), no torch needed;
+the trainer (`trainer`); the job queue (`jobs`) and the worker (`worker`).
 
 `from adapters.training import train` works, but imports torch, transformers and PEFT only when
 a trainer name is first used, so validating an upload stays light.
@@ -17,11 +18,19 @@ from adapters.training.dataset import (
     tokenize_example,
     validate_jsonl,
 )
+from adapters.training.recipe import (
+    BASE_LEARNING_RATE,
+    Hyperparameters,
+    LoraRecipe,
+    ResolvedHyperparameters,
+    TrainingRecipe,
+)
 
 _TRAINER_NAMES = ("EvalResult", "Progress", "TrainConfig", "TrainResult", "TrainingError",
                   "TrainingStopped", "evaluate", "split_holdout", "train")
 
-__all__ = ["DatasetReport", "LineError", "collate", "mix_general", "to_messages",
+__all__ = ["BASE_LEARNING_RATE", "DatasetReport", "Hyperparameters", "LineError", "LoraRecipe",
+           "ResolvedHyperparameters", "TrainingRecipe", "collate", "mix_general", "to_messages",
            "tokenize_example", "validate_jsonl", *_TRAINER_NAMES]
 
 

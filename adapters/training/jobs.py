@@ -1,9 +1,19 @@
 """Training files, fine-tuning jobs, their events and checkpoints, in the registry database.
 
-Job life: validating_files -> queued -> running -> succeeded | failed | cancelled.
+Job life (`JobStatus`):
+
+    validating_files -> queued -> running -> succeeded
+          |               |         |------> failed
+          |               |         '------> cancelled
+          '---> failed    '---> cancelled
+          '---> cancelled
+
+A job is created in validating_files (its files exist, the recipe is within bounds); the
+dataset check that needs the tokenizer runs after the answer and moves it to queued or failed.
 A worker claims a queued job (or a running one whose lease ran out: its worker died) with a
 compare-and-set update, so two workers never both win it, and renews the lease while it
-trains. Losing the lease (or the job being cancelled) tells the worker to stop.
+trains. Losing the lease (or the job being cancelled) tells the worker to stop. Every status
+change is a compare-and-set on the status it leaves, so a cancel that lands in between wins.
 """
 
 from __future__ import annotations
@@ -11,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+from collections.abc import Collection
 from datetime import datetime, timedelta, timezone
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +32,26 @@ from sqlalchemy import func, or_, select, update
 from adapters.errors import Conflict, InvalidInput, NotFound
 from adapters.registry import Registry
 from adapters.registry.models import FineTuneJob, JobCheckpoint, JobEvent, TrainingFile, utcnow
+from adapters.training.recipe import TrainingRecipe
 
-ACTIVE = ("validating_files", "queued", "running")
-FINAL = ("succeeded", "failed", "cancelled")
-STATUSES = ACTIVE + FINAL
+
+class JobStatus(str, Enum):
+    """A fine-tuning job's status, as OpenAI names them (stored as the value)."""
+
+    VALIDATING_FILES = "validating_files"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:  # the value, also in f-strings and metric labels
+        return self.value
+
+
+ACTIVE: tuple[JobStatus, ...] = (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING)
+FINAL: tuple[JobStatus, ...] = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+STATUSES: tuple[JobStatus, ...] = tuple(JobStatus)
 
 
 def _now() -> datetime:
@@ -80,16 +108,54 @@ class JobStore:
 
     # -- jobs ----------------------------------------------------------------------------------
 
-    async def create_job(self, tenant: str, **fields: Any) -> FineTuneJob:
-        job = FineTuneJob(id="ftjob-" + secrets.token_hex(12), tenant_id=tenant,
-                          status="validating_files", **fields)
+    async def create_job(self, tenant: str, *, model: str, training_file: str,
+                         recipe: TrainingRecipe, validation_file: str | None = None,
+                         suffix: str | None = None,
+                         adapter_name: str | None = None) -> FineTuneJob:
+        """A new job in validating_files; `adapter_name` defaults to `ft-<part of the id>`.
+        Move it on with `files_validated` or `files_invalid`."""
+        job_id = "ftjob-" + secrets.token_hex(12)
+        job = FineTuneJob(id=job_id, tenant_id=tenant, model=model, training_file=training_file,
+                          validation_file=validation_file, suffix=suffix,
+                          adapter_name=adapter_name or "ft-" + job_id.removeprefix("ftjob-")[:12],
+                          hyperparameters=recipe.hyperparameters.model_dump(),
+                          lora=recipe.lora.model_dump(), seed=recipe.seed,
+                          status=JobStatus.VALIDATING_FILES.value)
         async with self.registry.transaction() as s:
             s.add(job)
             s.add(JobEvent(job_id=job.id, message="Validating training file"))
-            await s.flush()
-            job.status = "queued"
-            s.add(JobEvent(job_id=job.id, message="Files validated; job queued"))
         return job
+
+    async def files_validated(self, job_id: str) -> bool:
+        """validating_files -> queued; False if the job had left validating_files."""
+        return await self._move(job_id, JobStatus.VALIDATING_FILES, JobStatus.QUEUED,
+                                "Files validated; job queued")
+
+    async def files_invalid(self, job_id: str, error: dict[str, Any]) -> bool:
+        """validating_files -> failed with `error` ({"code", "param", "message"}); False if
+        the job had left validating_files."""
+        return await self._move(job_id, JobStatus.VALIDATING_FILES, JobStatus.FAILED,
+                                f"Job failed: {error['message']}", level="error",
+                                error=error, finished_at=utcnow())
+
+    async def job_ids(self, status: JobStatus) -> list[str]:
+        """Every job in `status`, oldest first, of every tenant."""
+        async with self.registry.transaction() as s:
+            return list((await s.scalars(
+                select(FineTuneJob.id).where(FineTuneJob.status == status.value)
+                .order_by(FineTuneJob.created_at))).all())
+
+    async def _move(self, job_id: str, was: JobStatus, status: JobStatus, message: str, *,
+                    level: str = "info", **fields: Any) -> bool:
+        """Compare-and-set `was` -> `status`, with an event when it happened."""
+        async with self.registry.transaction() as s:
+            result = await s.execute(
+                update(FineTuneJob).where(FineTuneJob.id == job_id,
+                                          FineTuneJob.status == was.value)
+                .values(status=status.value, **fields))
+            if result.rowcount:
+                s.add(JobEvent(job_id=job_id, message=message[:2000], level=level))
+            return bool(result.rowcount)
 
     async def list_jobs(self, tenant: str, after: str | None, limit: int) -> tuple[list[FineTuneJob], bool]:
         async with self.registry.transaction() as s:
@@ -116,12 +182,12 @@ class JobStore:
         async with self.registry.transaction() as s:
             result = await s.execute(
                 update(FineTuneJob).where(FineTuneJob.id == job_id,
-                                          FineTuneJob.status.in_(ACTIVE))
-                .values(status="cancelled", finished_at=utcnow()))
+                                          FineTuneJob.status.in_(_values(ACTIVE)))
+                .values(status=JobStatus.CANCELLED.value, finished_at=utcnow()))
             if result.rowcount:
                 s.add(JobEvent(job_id=job_id, message="Job cancelled"))
         job = await self.get_job(tenant, job_id)
-        if job.status != "cancelled":
+        if job.status != JobStatus.CANCELLED:
             raise Conflict(f"job {job_id} has already {job.status}", code="job_finished")
         return job
 
@@ -162,7 +228,7 @@ class JobStore:
             counts = dict((await s.execute(
                 select(FineTuneJob.status, func.count()).group_by(FineTuneJob.status))).all())
             running = (await s.execute(select(FineTuneJob.id, FineTuneJob.result).where(
-                FineTuneJob.status == "running"))).all()
+                FineTuneJob.status == JobStatus.RUNNING.value))).all()
         progress = {job_id: float((result or {}).get("progress", 0.0))
                     for job_id, result in running}
         return counts, progress
@@ -175,8 +241,9 @@ class JobStore:
         async with self.registry.transaction() as s:
             candidates = (await s.scalars(
                 select(FineTuneJob).where(or_(
-                    FineTuneJob.status == "queued",
-                    (FineTuneJob.status == "running") & (FineTuneJob.lease_expires_at < now)))
+                    FineTuneJob.status == JobStatus.QUEUED.value,
+                    (FineTuneJob.status == JobStatus.RUNNING.value)
+                    & (FineTuneJob.lease_expires_at < now)))
                 .order_by(FineTuneJob.created_at).limit(5))).all()
             for job in candidates:
                 was, attempts = job.status, job.attempts  # the update refreshes `job`
@@ -185,10 +252,11 @@ class JobStore:
                     update(FineTuneJob).where(
                         FineTuneJob.id == job.id, FineTuneJob.status == was,
                         FineTuneJob.attempts == attempts)
-                    .values(status="running", worker_id=worker_id, attempts=attempts + 1,
+                    .values(status=JobStatus.RUNNING.value, worker_id=worker_id,
+                            attempts=attempts + 1,
                             lease_expires_at=now + timedelta(seconds=lease_s)))
                 if result.rowcount == 1:
-                    resumed = was == "running"
+                    resumed = was == JobStatus.RUNNING
                     s.add(JobEvent(job_id=job.id, message=(
                         f"Job resumed by worker {worker_id} (previous worker lost its lease)"
                         if resumed else f"Job started by worker {worker_id}")))
@@ -203,28 +271,35 @@ class JobStore:
             result = await s.execute(
                 update(FineTuneJob).where(FineTuneJob.id == job_id,
                                           FineTuneJob.worker_id == worker_id,
-                                          FineTuneJob.status == "running")
+                                          FineTuneJob.status == JobStatus.RUNNING.value)
                 .values(lease_expires_at=_now() + timedelta(seconds=lease_s)))
             return bool(result.rowcount)
 
-    async def finish(self, job_id: str, worker_id: str, status: str, message: str,
+    async def finish(self, job_id: str, worker_id: str, status: JobStatus, message: str,
                      **fields: Any) -> bool:
         """Move a running job of this worker to a final status; False if it was not ours."""
-        assert status in FINAL
+        status = JobStatus(status)
+        if status not in FINAL:
+            raise ValueError(f"{status} is not a final status")
         async with self.registry.transaction() as s:
             result = await s.execute(
                 update(FineTuneJob).where(FineTuneJob.id == job_id,
                                           FineTuneJob.worker_id == worker_id,
-                                          FineTuneJob.status == "running")
-                .values(status=status, finished_at=utcnow(), lease_expires_at=None, **fields))
+                                          FineTuneJob.status == JobStatus.RUNNING.value)
+                .values(status=status.value, finished_at=utcnow(), lease_expires_at=None,
+                        **fields))
             if result.rowcount:
-                s.add(JobEvent(job_id=job_id, message=message,
-                               level="error" if status == "failed" else "info"))
+                s.add(JobEvent(job_id=job_id, message=message[:2000],
+                               level="error" if status == JobStatus.FAILED else "info"))
             return bool(result.rowcount)
 
     async def update_job(self, job_id: str, **fields: Any) -> None:
         async with self.registry.transaction() as s:
             await s.execute(update(FineTuneJob).where(FineTuneJob.id == job_id).values(**fields))
+
+
+def _values(statuses: Collection[JobStatus]) -> list[str]:
+    return [status.value for status in statuses]
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -5,6 +5,12 @@ worker dies is claimed again once its lease runs out, and training resumes from 
 checkpoint in the job's work folder. Cancelling, failing or losing the lease leaves no
 adapter version behind: the version is registered only at the end, and removed again if the
 job turned out to be cancelled meanwhile.
+
+What to train comes from the job row as a `TrainingRecipe` (adapters/training/recipe.py). A
+failed job's error code is one of a documented few, never a Python class name:
+`eval_not_improved` (require_improvement and the adapter did not beat the base model),
+`out_of_memory`, a loraplex error's own code (e.g. `invalid_adapter` when registration refuses
+the result), and `training_error` for anything else.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import threading
 import uuid
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapters.base_model import BaseModelInfo
 from adapters.errors import LoraplexError
@@ -28,13 +34,38 @@ from adapters.registry import Registry
 from adapters.registry.models import FineTuneJob
 from adapters.store import AdapterStore
 from adapters.training.dataset import mix_general, validate_jsonl
-from adapters.training.jobs import JobStore
+from adapters.training.jobs import FINAL, JobStatus, JobStore
+from adapters.training.recipe import TrainingRecipe
 from adapters.validation import AdapterLimits
+
+if TYPE_CHECKING:
+    from adapters.training.trainer import Progress, TrainConfig
 
 log = logging.getLogger(__name__)
 
-BASE_LEARNING_RATE = 2e-4
 CHECKPOINT_EVERY_STEPS = 5
+MAX_ERROR_MESSAGE = 2000
+
+
+def job_error(exc: BaseException) -> dict[str, Any]:
+    """The `error` object of a job that failed with `exc`: a stable, documented code and the
+    exception's own message (no class names, no traceback)."""
+    message = str(exc)[:MAX_ERROR_MESSAGE]
+    if isinstance(exc, LoraplexError):
+        return {"code": exc.code, "message": exc.message[:MAX_ERROR_MESSAGE], "param": None}
+    if _out_of_memory(exc):
+        return {"code": "out_of_memory", "param": None,
+                "message": "out of memory while training; try a smaller batch_size, "
+                           "max_seq_len or r" + (f" ({message})" if message else "")}
+    return {"code": "training_error", "message": message or "training failed", "param": None}
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    import torch  # the trainer has imported it already
+
+    return isinstance(exc, torch.OutOfMemoryError)
 
 
 class Worker:
@@ -70,16 +101,15 @@ class Worker:
             await self._train_and_register(job, work_dir, stop_training)
         except TrainingStopped:
             log.info("job %s stopped (cancelled or lease lost)", job.id)
-        except Exception as exc:  # noqa: BLE001 - any failure fails the job, not the worker
+        except Exception as exc:  # any failure fails the job, not the worker
             log.exception("job %s failed", job.id)
-            code = exc.code if isinstance(exc, LoraplexError) else type(exc).__name__
-            await self.jobs.finish(job.id, self.worker_id, "failed", f"Job failed: {exc}",
-                                   error={"code": code, "message": str(exc)[:2000],
-                                          "param": None})
+            error = job_error(exc)
+            await self.jobs.finish(job.id, self.worker_id, JobStatus.FAILED,
+                                   f"Job failed: {error['message']}", error=error)
         finally:
             heartbeat.cancel()
             current = await self.jobs.get_job(None, job.id)
-            if current.status in ("succeeded", "failed", "cancelled"):
+            if current.status in FINAL:
                 await asyncio.to_thread(shutil.rmtree, work_dir, True)
 
     async def _keep_lease(self, job_id: str, stop_training: threading.Event) -> None:
@@ -87,7 +117,7 @@ class Worker:
             await asyncio.sleep(self.lease_s / 3)
             try:
                 mine = await self.jobs.renew(job_id, self.worker_id, self.lease_s)
-            except Exception:  # noqa: BLE001 - a database hiccup: try again next beat
+            except Exception:  # a database hiccup: try again next beat
                 log.warning("could not renew the lease of %s", job_id, exc_info=True)
                 continue
             if not mine:
@@ -96,13 +126,7 @@ class Worker:
 
     async def _train_and_register(self, job: FineTuneJob, work_dir: Path,
                                   stop_training: threading.Event) -> None:
-        from adapters.training.trainer import (
-            TrainConfig,
-            evaluate,
-            latest_checkpoint,
-            split_holdout,
-            train,
-        )
+        from adapters.training.trainer import evaluate, latest_checkpoint, split_holdout, train
 
         loop = asyncio.get_running_loop()
         train_data = await self.jobs.read_file(job.tenant_id, job.training_file)
@@ -112,25 +136,18 @@ class Worker:
                                      min_examples=1).examples
         else:
             examples, holdout = split_holdout(examples, fraction=0.1, seed=job.seed)
-        lora, hp = job.lora, job.hyperparameters
-        if lora.get("general_data_ratio"):
-            examples = mix_general(examples, lora["general_data_ratio"], job.seed)
-        config = TrainConfig(
-            r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
-            target_modules=tuple(lora["target_modules"]), use_rslora=lora["use_rslora"],
-            loraplus_lr_ratio=lora["loraplus_lr_ratio"],
-            learning_rate=lora["learning_rate"] or BASE_LEARNING_RATE
-            * hp["learning_rate_multiplier"],
-            epochs=hp["n_epochs"], batch_size=hp["batch_size"], max_seq_len=lora["max_seq_len"],
-            seed=job.seed, load_in_4bit=lora["load_in_4bit"],
-            checkpoint_every_steps=CHECKPOINT_EVERY_STEPS, base_model_name=self.model_name)
+        recipe = TrainingRecipe.of_job(job)
+        if recipe.lora.general_data_ratio:
+            examples = mix_general(examples, recipe.lora.general_data_ratio, recipe.seed)
+        config = recipe.train_config(base_model_name=self.model_name,
+                                     checkpoint_every_steps=CHECKPOINT_EVERY_STEPS)
 
         checkpoint = latest_checkpoint(work_dir)
         if checkpoint is not None:
             await self.jobs.add_event(job.id, f"Resuming from step "
                                       f"{checkpoint.name.removeprefix('step-')} ({checkpoint.name})")
 
-        def on_progress(p: Any) -> None:  # called from the training thread
+        def on_progress(p: Progress) -> None:  # called from the training thread
             asyncio.run_coroutine_threadsafe(self._progress(job.id, p, config), loop)
 
         import torch
@@ -152,9 +169,9 @@ class Worker:
             type_="metrics", data=figures)
         run = {"steps": result.steps, "train_loss": result.train_loss,
                "tokens_per_s": result.tokens_per_s, "seconds": result.seconds}
-        if lora.get("require_improvement") and not figures["improved"]:
+        if recipe.lora.require_improvement and not figures["improved"]:
             await self.jobs.finish(
-                job.id, self.worker_id, "failed", "The adapter did not beat the base model",
+                job.id, self.worker_id, JobStatus.FAILED, "The adapter did not beat the base model",
                 error={"code": "eval_not_improved", "param": None,
                        "message": "held-out loss of the adapter is not below the base model's"},
                 result={"eval": figures, "run": run}, trained_tokens=result.trained_tokens)
@@ -165,7 +182,7 @@ class Worker:
         version.meta = {**(version.meta or {}), "eval": figures}
         name = f"{job.adapter_name}@{version.version}"
         done = await self.jobs.finish(
-            job.id, self.worker_id, "succeeded", f"New fine-tuned model created: {name}",
+            job.id, self.worker_id, JobStatus.SUCCEEDED, f"New fine-tuned model created: {name}",
             fine_tuned_model=name, result={"eval": figures, "run": run},
             trained_tokens=result.trained_tokens)
         if not done:  # cancelled (or taken over) while registering: leave nothing behind
@@ -174,7 +191,7 @@ class Worker:
             for key in deleted.store_keys:
                 await self.store.delete(key)
 
-    async def _progress(self, job_id: str, p: Any, config: Any) -> None:
+    async def _progress(self, job_id: str, p: Progress, config: TrainConfig) -> None:
         data = {k: v for k, v in asdict(p).items() if isinstance(v, (int, float))}
         if p.step % CHECKPOINT_EVERY_STEPS == 0 or p.step == p.total_steps:
             await self.jobs.add_event(
