@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -75,6 +77,30 @@ def response_for(exc: LoraplexError) -> JSONResponse:
     return error_response(500, exc.message, "server_error", exc.param, exc.code)
 
 
+_LOCATIONS = ("body", "query", "path", "header", "cookie")
+# Errors about the body as a whole: not JSON, or not the JSON object expected.
+_NOT_A_JSON_OBJECT = {"model_attributes_type", "dict_type", "model_type"}
+
+
+def validation_error_response(errors: Sequence[Any]) -> JSONResponse:
+    """A 400 for FastAPI's request validation errors, naming the first offending field."""
+    first = errors[0] if errors else {}
+    loc = tuple(first.get("loc", ()))
+    kind = first.get("type")
+    if kind == "json_invalid":  # loc is ("body", <character offset>): not a field
+        reason = (first.get("ctx") or {}).get("error") or first.get("msg", "")
+        return error_response(400, f"request body is not valid JSON: {reason}",
+                              code="invalid_json")
+    if loc == ("body",) and kind in _NOT_A_JSON_OBJECT:
+        return error_response(400, "request body must be a JSON object", code="invalid_json")
+    if loc == ("body",) and kind == "missing":
+        return error_response(400, "a JSON request body is required", code="invalid_json")
+    where = ".".join(str(p) for p in loc if p not in _LOCATIONS) or None
+    message = first.get("msg", "invalid request")
+    return error_response(400, f"{where}: {message}" if where else message,
+                          param=where, code="invalid_value")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LoraplexError)
     async def _loraplex(_req: Request, exc: LoraplexError) -> JSONResponse:
@@ -82,16 +108,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
-        where = ".".join(loc) or None
-        message = first.get("msg", "invalid request")
-        return error_response(400, f"{where}: {message}" if where else message,
-                              param=where, code="invalid_value")
+        return validation_error_response(exc.errors())
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail))
+        response = error_response(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})  # e.g. a 405's Allow
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(_req: Request, exc: Exception) -> JSONResponse:
