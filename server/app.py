@@ -12,7 +12,7 @@ from server.errors import install_error_handlers
 from server.limits import BodyLimit
 from server.request_log import RequestObserver
 from server.routes import adapters, engine, files, jobs, keys, openai, ops, tenants
-from server.routes.json_body import install_body_schemas
+from server.routes.json_body import install_openapi
 from server.routes.openai import ClientGone
 from server.services import Services
 
@@ -32,7 +32,7 @@ def create_app(services: Services) -> FastAPI:
                   docs_url="/docs", redoc_url=None)
     app.state.services = services
     install_error_handlers(app)
-    install_body_schemas(app)
+    install_openapi(app)
 
     @app.exception_handler(ClientGone)
     async def _gone(_req: Request, _exc: ClientGone) -> Response:

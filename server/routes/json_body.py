@@ -6,7 +6,7 @@ tenant key, the admin token) have passed, so nothing is parsed for strangers, an
 as JSON whatever Content-Type says (curl's `-d` sends form-urlencoded; the README's examples,
 like vLLM's and OpenAI's, rely on that). Every failure is a 400 naming the field
 (`server.deps.parse_json`). Routes of a `JSONBodyRoute` router declare the body in OpenAPI;
-`install_body_schemas` adds the models to the document's components.
+`install_openapi` adds the models to the document's components.
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ class JSONBodyRoute(APIRoute):
                         "schema": {"$ref": _REF.format(model=model.__name__)}}}}}
 
 
-def install_body_schemas(app: FastAPI) -> None:
-    """Generate /openapi.json with the JSONBody models among its component schemas."""
+def install_openapi(app: FastAPI) -> None:
+    """Generate /openapi.json with the JSONBody models among its component schemas, and
+    without FastAPI's 422 answers: validation errors are 400s in OpenAI's error shape."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -67,6 +68,11 @@ def install_body_schemas(app: FastAPI) -> None:
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             for name, definition in defs.get("$defs", {}).items():
                 components.setdefault(name, definition)
+            for operations in schema["paths"].values():
+                for op in operations.values():
+                    op["responses"].pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.pop(name, None)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -36,7 +36,8 @@ async def metrics(services: ServicesDep) -> Response:
     return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/metrics/engine", response_class=Response, responses=_PROMETHEUS)  # type: ignore[arg-type]
+@router.get("/metrics/engine", response_class=Response,
+            responses={**_PROMETHEUS, 503: {"model": ErrorResponse}})  # type: ignore[dict-item]
 async def engine_metrics(services: ServicesDep) -> Response:
     """vLLM's own metrics, passed through (the engine itself listens on loopback only)."""
     return Response(await services.engine.metrics(), media_type=CONTENT_TYPE_LATEST)
