@@ -43,8 +43,9 @@ class Manifest:
     @classmethod
     def build(cls, tenant: str, adapter: str, version: int, folder: Path,
               checked: ValidatedAdapter, source: str) -> Manifest:
-        files = {name: {"sha256": checked.files[name], "size": (folder / name).stat().st_size}
-                 for name in ADAPTER_FILES}
+        files: dict[str, dict[str, int | str]] = {
+            name: {"sha256": checked.files[name], "size": (folder / name).stat().st_size}
+            for name in ADAPTER_FILES}
         return cls(tenant=tenant, adapter=adapter, version=version, files=files,
                    base_model=checked.spec.base_model, rank=checked.spec.rank,
                    alpha=checked.spec.alpha, target_modules=checked.spec.target_modules,

@@ -35,7 +35,7 @@ def make_random_adapters(base_model: Path, out_dir: Path, count: int, *, rank: i
                 p.copy_(torch.randn(p.shape, generator=generator) * std)
         folder = out_dir / f"adapter-{i}"
         # save_embedding_layers=False: no hub lookup of the base config (we are offline).
-        peft_model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
+        peft_model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)
         (folder / "README.md").unlink(missing_ok=True)
         folders.append(folder)
     return folders

@@ -129,7 +129,8 @@ class Settings(BaseSettings):
             )
         if self.max_lora_rank not in VLLM_LORA_RANKS:
             raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS}")
-        for uri in [*self.s3_source_allowlist, *([self.store] if self.uses_s3 else [])]:
+        store = [self.store] if self.store is not None and self.uses_s3 else []
+        for uri in [*self.s3_source_allowlist, *store]:
             try:
                 parse_s3_uri(uri)
             except InvalidInput as exc:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -367,7 +367,7 @@ def _version_of(adapter: Adapter, version: int) -> AdapterVersion:
     return row
 
 
-def _deleted(versions: list[AdapterVersion] | tuple) -> DeletedVersions:  # type: ignore[type-arg]
+def _deleted(versions: Sequence[AdapterVersion]) -> DeletedVersions:
     return DeletedVersions([v.engine_name for v in versions], [v.store_key for v in versions])
 
 

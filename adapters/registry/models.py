@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from typing import Any
+from typing import Any
 
 from sqlalchemy import JSON, ForeignKey, Integer, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -95,7 +96,7 @@ class AdapterVersion(Base):
     size_bytes: Mapped[int] = mapped_column()
     sha256: Mapped[str] = mapped_column(String(64))
     source: Mapped[str] = mapped_column(String(1024))
-    meta: Mapped[dict] = mapped_column(JSON, default=dict)
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     # Operational flag, not content: preload at engine start and keep resident.
     pinned: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
