@@ -25,9 +25,9 @@ from collections.abc import Collection
 from datetime import datetime, timedelta, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import CursorResult, Result, func, or_, select, update
 
 from adapters.errors import Conflict, InvalidInput, NotFound
 from adapters.registry import Registry
@@ -153,9 +153,9 @@ class JobStore:
                 update(FineTuneJob).where(FineTuneJob.id == job_id,
                                           FineTuneJob.status == was.value)
                 .values(status=status.value, **fields))
-            if result.rowcount:
+            if _rowcount(result):
                 s.add(JobEvent(job_id=job_id, message=message[:2000], level=level))
-            return bool(result.rowcount)
+            return bool(_rowcount(result))
 
     async def list_jobs(self, tenant: str, after: str | None, limit: int) -> tuple[list[FineTuneJob], bool]:
         async with self.registry.transaction() as s:
@@ -184,7 +184,7 @@ class JobStore:
                 update(FineTuneJob).where(FineTuneJob.id == job_id,
                                           FineTuneJob.status.in_(_values(ACTIVE)))
                 .values(status=JobStatus.CANCELLED.value, finished_at=utcnow()))
-            if result.rowcount:
+            if _rowcount(result):
                 s.add(JobEvent(job_id=job_id, message="Job cancelled"))
         job = await self.get_job(tenant, job_id)
         if job.status != JobStatus.CANCELLED:
@@ -255,7 +255,7 @@ class JobStore:
                     .values(status=JobStatus.RUNNING.value, worker_id=worker_id,
                             attempts=attempts + 1,
                             lease_expires_at=now + timedelta(seconds=lease_s)))
-                if result.rowcount == 1:
+                if _rowcount(result) == 1:
                     resumed = was == JobStatus.RUNNING
                     s.add(JobEvent(job_id=job.id, message=(
                         f"Job resumed by worker {worker_id} (previous worker lost its lease)"
@@ -273,7 +273,7 @@ class JobStore:
                                           FineTuneJob.worker_id == worker_id,
                                           FineTuneJob.status == JobStatus.RUNNING.value)
                 .values(lease_expires_at=_now() + timedelta(seconds=lease_s)))
-            return bool(result.rowcount)
+            return bool(_rowcount(result))
 
     async def finish(self, job_id: str, worker_id: str, status: JobStatus, message: str,
                      **fields: Any) -> bool:
@@ -288,14 +288,19 @@ class JobStore:
                                           FineTuneJob.status == JobStatus.RUNNING.value)
                 .values(status=status.value, finished_at=utcnow(), lease_expires_at=None,
                         **fields))
-            if result.rowcount:
+            if _rowcount(result):
                 s.add(JobEvent(job_id=job_id, message=message[:2000],
                                level="error" if status == JobStatus.FAILED else "info"))
-            return bool(result.rowcount)
+            return bool(_rowcount(result))
 
     async def update_job(self, job_id: str, **fields: Any) -> None:
         async with self.registry.transaction() as s:
             await s.execute(update(FineTuneJob).where(FineTuneJob.id == job_id).values(**fields))
+
+
+def _rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE matched (its result is a CursorResult; `execute` is typed for any)."""
+    return cast("CursorResult[Any]", result).rowcount
 
 
 def _values(statuses: Collection[JobStatus]) -> list[str]:
