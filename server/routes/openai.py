@@ -31,7 +31,11 @@ _GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {200: {
     "description": "The engine's completion object, or with `stream: true` server-sent events "
                    "(`data: {chunk}` ... `data: [DONE]`).",
     "content": {"application/json": {"schema": {"type": "object"}},
-                "text/event-stream": {"schema": {"type": "string"}}}}}
+                # One server-sent event; `data` is a chunk object as JSON, or `[DONE]`.
+                "text/event-stream": {"schema": {
+                    "type": "object", "required": ["data"],
+                    "properties": {"data": {"type": "string"}, "event": {"type": "string"},
+                                   "id": {"type": "string"}, "retry": {"type": "integer"}}}}}}}
 
 
 @router.post("/chat/completions", response_class=Response, responses=_GENERATION_RESPONSES)
