@@ -1,5 +1,6 @@
 """The admin API's logic, with no FastAPI in it: tenants, keys, adapter versions (registered
-from an upload, a local folder or S3), pins, aliases, deletes, and the engine's state.
+from an upload, a local folder or S3), pins, aliases, deletes, and the engine's state. It
+answers with the wire objects of `server.protocol.admin`; the routers only call it.
 
 Cached lookups need no care here: every registry change that could alter one drops this
 gateway's caches when it commits (`Registry.on_change`), and other gateways' within a second.
@@ -18,7 +19,7 @@ from typing import Any
 from adapters.base_model import BaseModelInfo
 from adapters.errors import InvalidInput
 from adapters.registration import register_version
-from adapters.registry import Adapter, AdapterVersion, ApiKey, DeletedVersions, Registry, Tenant
+from adapters.registry import AdapterVersion, DeletedVersions, Registry
 from adapters.residency import Residency
 from adapters.s3.store import S3Store
 from adapters.sources import AdapterSources, UploadedFile
@@ -27,7 +28,21 @@ from adapters.validation import AdapterLimits
 from server.engine.client import EngineClient
 from server.engine.process import EngineProcess
 from server.engine.readiness import EngineReadiness
-from server.protocol.admin import EngineStatus, VersionSource
+from server.protocol.admin import (
+    AdapterList,
+    AdapterObject,
+    AdapterVersionObject,
+    AliasDeleted,
+    AliasObject,
+    CreatedKey,
+    EngineStatus,
+    KeyList,
+    KeyObject,
+    TenantList,
+    TenantObject,
+    VersionSource,
+)
+from server.protocol.common import Deleted
 
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
 
@@ -55,38 +70,43 @@ class AdminService:
 
     # -- tenants -------------------------------------------------------------------------------
 
-    async def create_tenant(self, tenant_id: str) -> Tenant:
-        return await self.registry.create_tenant(tenant_id)
+    async def create_tenant(self, tenant_id: str) -> TenantObject:
+        return TenantObject.from_row(await self.registry.create_tenant(tenant_id))
 
-    async def list_tenants(self) -> list[Tenant]:
-        return await self.registry.list_tenants()
+    async def list_tenants(self) -> TenantList:
+        return TenantList(data=[TenantObject.from_row(t) for t in await self.registry.list_tenants()])
 
-    async def get_tenant(self, tenant_id: str) -> Tenant:
-        return await self.registry.get_tenant(tenant_id)
+    async def get_tenant(self, tenant_id: str) -> TenantObject:
+        return TenantObject.from_row(await self.registry.get_tenant(tenant_id))
 
-    async def delete_tenant(self, tenant_id: str) -> None:
+    async def delete_tenant(self, tenant_id: str) -> Deleted:
+        """Delete the tenant, its keys and its adapters (unloaded once idle, files erased)."""
         self._retire(await self.registry.delete_tenant(tenant_id))
+        return Deleted(id=tenant_id, object="tenant")
 
     # -- keys ----------------------------------------------------------------------------------
 
-    async def create_key(self, tenant_id: str, name: str | None) -> tuple[ApiKey, str]:
-        return await self.registry.create_key(tenant_id, name)
+    async def create_key(self, tenant_id: str, name: str | None) -> CreatedKey:
+        """A new key; the secret is in this answer only (the registry keeps its hash)."""
+        row, key = await self.registry.create_key(tenant_id, name)
+        return CreatedKey(**KeyObject.from_row(row).model_dump(), key=key)
 
-    async def list_keys(self, tenant_id: str) -> list[ApiKey]:
-        return await self.registry.list_keys(tenant_id)
+    async def list_keys(self, tenant_id: str) -> KeyList:
+        return KeyList(data=[KeyObject.from_row(k) for k in await self.registry.list_keys(tenant_id)])
 
-    async def revoke_key(self, tenant_id: str, key_id: str) -> ApiKey:
-        return await self.registry.revoke_key(tenant_id, key_id)
+    async def revoke_key(self, tenant_id: str, key_id: str) -> KeyObject:
+        return KeyObject.from_row(await self.registry.revoke_key(tenant_id, key_id))
 
     # -- adapter versions ----------------------------------------------------------------------
 
     async def register_upload(self, tenant: str, name: str,
-                              files: Sequence[UploadedFile]) -> AdapterVersion:
+                              files: Sequence[UploadedFile]) -> AdapterVersionObject:
         async with self._staging() as folder:
             source = await self.sources.save_upload(files, folder)
             return await self._register(tenant, name, folder, source)
 
-    async def register_from(self, tenant: str, name: str, body: VersionSource) -> AdapterVersion:
+    async def register_from(self, tenant: str, name: str,
+                            body: VersionSource) -> AdapterVersionObject:
         async with self._staging() as folder:
             if body.source is not None:
                 source = await self.sources.copy_s3(body.source, folder)
@@ -98,9 +118,11 @@ class AdminService:
                                    param="path")
             return await self._register(tenant, name, folder, source)
 
-    async def _register(self, tenant: str, name: str, folder: Path, source: str) -> AdapterVersion:
-        return await register_version(self.registry, self.store, self.base_info, self.limits,
-                                      tenant, name, folder, source, self.model_name)
+    async def _register(self, tenant: str, name: str, folder: Path,
+                        source: str) -> AdapterVersionObject:
+        row = await register_version(self.registry, self.store, self.base_info, self.limits,
+                                     tenant, name, folder, source, self.model_name)
+        return AdapterVersionObject.from_row(row, tenant, name)
 
     @asynccontextmanager
     async def _staging(self) -> AsyncIterator[Path]:
@@ -111,20 +133,25 @@ class AdminService:
         finally:
             await asyncio.to_thread(shutil.rmtree, folder, True)
 
-    async def list_adapters(self, tenant: str) -> list[Adapter]:
-        return await self.registry.list_adapters(tenant)
+    async def list_adapters(self, tenant: str) -> AdapterList:
+        return AdapterList(data=[AdapterObject.from_row(a, tenant)
+                                 for a in await self.registry.list_adapters(tenant)])
 
-    async def get_adapter(self, tenant: str, name: str) -> Adapter:
-        return await self.registry.get_adapter(tenant, name)
+    async def get_adapter(self, tenant: str, name: str) -> AdapterObject:
+        return AdapterObject.from_row(await self.registry.get_adapter(tenant, name), tenant)
 
-    async def delete_adapter(self, tenant: str, name: str) -> None:
+    async def delete_adapter(self, tenant: str, name: str) -> Deleted:
+        """Delete every version and alias (unloaded once idle, files erased)."""
         self._retire(await self.registry.delete_adapter(tenant, name))
+        return Deleted(id=name, object="adapter")
 
-    async def get_version(self, tenant: str, name: str, version: int) -> AdapterVersion:
-        return await self.registry.get_version(tenant, name, version)
+    async def get_version(self, tenant: str, name: str, version: int) -> AdapterVersionObject:
+        row = await self.registry.get_version(tenant, name, version)
+        return AdapterVersionObject.from_row(row, tenant, name)
 
-    async def delete_version(self, tenant: str, name: str, version: int) -> None:
+    async def delete_version(self, tenant: str, name: str, version: int) -> Deleted:
         self._retire(await self.registry.delete_version(tenant, name, version))
+        return Deleted(id=f"{name}@{version}", object="adapter_version")
 
     def _retire(self, deleted: DeletedVersions) -> None:
         """Unload deleted versions once idle, then erase their files (the engine reads them)."""
@@ -138,7 +165,7 @@ class AdminService:
 
     # -- pins and aliases ----------------------------------------------------------------------
 
-    async def pin(self, tenant: str, name: str, version: int) -> AdapterVersion:
+    async def pin(self, tenant: str, name: str, version: int) -> AdapterVersionObject:
         """Keep this version resident: loaded now (if the engine is up) and at every start.
         If it cannot be loaded now, the pin is rolled back and the error raised."""
         row = await self.registry.set_pinned(tenant, name, version, True)
@@ -148,18 +175,20 @@ class AdminService:
             except BaseException:
                 await self.registry.set_pinned(tenant, name, version, False)
                 raise
-        return row
+        return AdapterVersionObject.from_row(row, tenant, name)
 
-    async def unpin(self, tenant: str, name: str, version: int) -> AdapterVersion:
+    async def unpin(self, tenant: str, name: str, version: int) -> AdapterVersionObject:
         row = await self.registry.set_pinned(tenant, name, version, False)
         await self.residency.unpin(row.engine_name)
-        return row
+        return AdapterVersionObject.from_row(row, tenant, name)
 
-    async def set_alias(self, tenant: str, name: str, alias: str, version: int) -> int:
-        return (await self.registry.set_alias(tenant, name, alias, version)).version
+    async def set_alias(self, tenant: str, name: str, alias: str, version: int) -> AliasObject:
+        row = await self.registry.set_alias(tenant, name, alias, version)
+        return AliasObject(adapter=name, alias=alias, version=row.version)
 
-    async def delete_alias(self, tenant: str, name: str, alias: str) -> None:
+    async def delete_alias(self, tenant: str, name: str, alias: str) -> AliasDeleted:
         await self.registry.delete_alias(tenant, name, alias)
+        return AliasDeleted(adapter=name, alias=alias)
 
     # -- engine --------------------------------------------------------------------------------
 

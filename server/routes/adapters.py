@@ -47,12 +47,10 @@ async def create_version(tenant: str, name: str, request: Request,
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         form = await request.form(max_files=8, max_fields=8)
         try:
-            row = await admin.register_upload(tenant, name, _uploaded_files(form.multi_items()))
+            return await admin.register_upload(tenant, name, _uploaded_files(form.multi_items()))
         finally:
             await form.close()
-    else:
-        row = await admin.register_from(tenant, name, await parse_json(request, VersionSource))
-    return AdapterVersionObject.from_row(row, tenant, name)
+    return await admin.register_from(tenant, name, await parse_json(request, VersionSource))
 
 
 def _uploaded_files(items: list[tuple[str, UploadFile | str]]) -> list[UploadedFile]:
@@ -68,56 +66,50 @@ def _uploaded_files(items: list[tuple[str, UploadFile | str]]) -> list[UploadedF
 
 @router.get("/tenants/{tenant}/adapters")
 async def list_adapters(tenant: str, admin: AdminServiceDep) -> AdapterList:
-    return AdapterList(data=[AdapterObject.from_row(a, tenant)
-                             for a in await admin.list_adapters(tenant)])
+    return await admin.list_adapters(tenant)
 
 
 @router.get("/tenants/{tenant}/adapters/{name}")
 async def get_adapter(tenant: str, name: str, admin: AdminServiceDep) -> AdapterObject:
-    return AdapterObject.from_row(await admin.get_adapter(tenant, name), tenant)
+    return await admin.get_adapter(tenant, name)
 
 
 @router.delete("/tenants/{tenant}/adapters/{name}")
 async def delete_adapter(tenant: str, name: str, admin: AdminServiceDep) -> Deleted:
     """Delete the adapter with every version and alias (unloaded once idle, files erased)."""
-    await admin.delete_adapter(tenant, name)
-    return Deleted(id=name, object="adapter")
+    return await admin.delete_adapter(tenant, name)
 
 
 @router.get("/tenants/{tenant}/adapters/{name}/versions/{version}")
 async def get_version(tenant: str, name: str, version: int,
                       admin: AdminServiceDep) -> AdapterVersionObject:
-    return AdapterVersionObject.from_row(await admin.get_version(tenant, name, version),
-                                         tenant, name)
+    return await admin.get_version(tenant, name, version)
 
 
 @router.delete("/tenants/{tenant}/adapters/{name}/versions/{version}")
 async def delete_version(tenant: str, name: str, version: int, admin: AdminServiceDep) -> Deleted:
-    await admin.delete_version(tenant, name, version)
-    return Deleted(id=f"{name}@{version}", object="adapter_version")
+    return await admin.delete_version(tenant, name, version)
 
 
 @router.put("/tenants/{tenant}/adapters/{name}/versions/{version}/pin")
 async def pin_version(tenant: str, name: str, version: int,
                       admin: AdminServiceDep) -> AdapterVersionObject:
     """Preload this version now and at every engine start, and keep it resident."""
-    return AdapterVersionObject.from_row(await admin.pin(tenant, name, version), tenant, name)
+    return await admin.pin(tenant, name, version)
 
 
 @router.delete("/tenants/{tenant}/adapters/{name}/versions/{version}/pin")
 async def unpin_version(tenant: str, name: str, version: int,
                         admin: AdminServiceDep) -> AdapterVersionObject:
-    return AdapterVersionObject.from_row(await admin.unpin(tenant, name, version), tenant, name)
+    return await admin.unpin(tenant, name, version)
 
 
 @router.put("/tenants/{tenant}/adapters/{name}/aliases/{alias}")
 async def set_alias(tenant: str, name: str, alias: str, admin: AdminServiceDep,
                     body: Annotated[AliasSet, JSONBody(AliasSet)]) -> AliasObject:
-    version = await admin.set_alias(tenant, name, alias, body.version)
-    return AliasObject(adapter=name, alias=alias, version=version)
+    return await admin.set_alias(tenant, name, alias, body.version)
 
 
 @router.delete("/tenants/{tenant}/adapters/{name}/aliases/{alias}")
 async def delete_alias(tenant: str, name: str, alias: str, admin: AdminServiceDep) -> AliasDeleted:
-    await admin.delete_alias(tenant, name, alias)
-    return AliasDeleted(adapter=name, alias=alias)
+    return await admin.delete_alias(tenant, name, alias)

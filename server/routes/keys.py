@@ -19,15 +19,14 @@ router = APIRouter(prefix="/admin", tags=["admin: keys"], dependencies=[AdminDep
 async def create_key(tenant: str, admin: AdminServiceDep,
                      body: Annotated[KeyCreate, JSONBody(KeyCreate, optional=True)]) -> CreatedKey:
     """A new key; the secret is in this answer only. The body is optional."""
-    row, key = await admin.create_key(tenant, body.name)
-    return CreatedKey(**KeyObject.from_row(row).model_dump(), key=key)
+    return await admin.create_key(tenant, body.name)
 
 
 @router.get("/tenants/{tenant}/keys")
 async def list_keys(tenant: str, admin: AdminServiceDep) -> KeyList:
-    return KeyList(data=[KeyObject.from_row(k) for k in await admin.list_keys(tenant)])
+    return await admin.list_keys(tenant)
 
 
 @router.delete("/tenants/{tenant}/keys/{key_id}")
 async def revoke_key(tenant: str, key_id: str, admin: AdminServiceDep) -> KeyObject:
-    return KeyObject.from_row(await admin.revoke_key(tenant, key_id))
+    return await admin.revoke_key(tenant, key_id)

@@ -18,21 +18,20 @@ router = APIRouter(prefix="/admin", tags=["admin: tenants"], dependencies=[Admin
 @router.post("/tenants", status_code=201)
 async def create_tenant(admin: AdminServiceDep,
                         body: Annotated[TenantCreate, JSONBody(TenantCreate)]) -> TenantObject:
-    return TenantObject.from_row(await admin.create_tenant(body.id))
+    return await admin.create_tenant(body.id)
 
 
 @router.get("/tenants")
 async def list_tenants(admin: AdminServiceDep) -> TenantList:
-    return TenantList(data=[TenantObject.from_row(t) for t in await admin.list_tenants()])
+    return await admin.list_tenants()
 
 
 @router.get("/tenants/{tenant}")
 async def get_tenant(tenant: str, admin: AdminServiceDep) -> TenantObject:
-    return TenantObject.from_row(await admin.get_tenant(tenant))
+    return await admin.get_tenant(tenant)
 
 
 @router.delete("/tenants/{tenant}")
 async def delete_tenant(tenant: str, admin: AdminServiceDep) -> Deleted:
     """Delete the tenant, its keys and its adapters (unloaded once idle, files erased)."""
-    await admin.delete_tenant(tenant)
-    return Deleted(id=tenant, object="tenant")
+    return await admin.delete_tenant(tenant)
