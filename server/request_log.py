@@ -39,6 +39,8 @@ class RequestRecord:
     completion_tokens: int | None = None
     ttft_s: float | None = None
     latency_s: float = 0.0
+    # Code of an error reported in-band after the status was sent (a stream the engine broke).
+    error: str | None = None
 
 
 class RequestObserver:

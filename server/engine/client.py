@@ -129,6 +129,9 @@ async def _events(resp: httpx.Response) -> AsyncIterator[list[bytes]]:
     Whole events are passed on as bytes instead of being split into decoded lines: the
     gateway's per-token cost is what the engine's token rate is multiplied by. vLLM ends every
     event with a blank line ("\n\n").
+
+    A stream the engine breaks off (killed, connection reset, read timeout) raises
+    `Unavailable` after the complete events that did arrive; an incomplete one is dropped.
     """
     pending = b""
     try:
@@ -137,6 +140,11 @@ async def _events(resp: httpx.Response) -> AsyncIterator[list[bytes]]:
             if events:
                 yield events
     except httpx.HTTPError as exc:
-        raise _unavailable(exc) from exc
+        raise _broken(exc) from exc
     if pending.strip():
         yield [pending]
+
+
+def _broken(exc: Exception) -> Unavailable:
+    return Unavailable(f"the inference engine broke off the stream ({type(exc).__name__}); "
+                       "retry shortly", code="engine_unavailable", retry_after_s=5)

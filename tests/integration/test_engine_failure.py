@@ -5,6 +5,7 @@ A server of its own, so that killing its vLLM cannot disturb the other integrati
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import openai
 import psutil
 import pytest
 
@@ -70,7 +72,37 @@ def test_engine_killed_degrades_only_generation_and_recovers(own_server: Server,
 
     engines = _engine_processes(server)
     assert engines, "no vLLM process found under loraplex up"
-    os.killpg(os.getpgid(engines[0].pid), signal.SIGKILL)  # what the OOM killer does
+    # Two long streams are under way when the engine dies, one read by the official SDK and
+    # one raw; both get the error in-band (as vLLM sends its own mid-stream errors).
+    sdk_stream = tenant.client.chat.completions.create(
+        model=BASE, messages=QUESTION, stream=True, max_tokens=1500,
+        extra_body={"ignore_eos": True})
+    sdk_chunks = iter(sdk_stream)
+    assert next(sdk_chunks).model == BASE
+    with httpx.Client(timeout=300) as raw_client, raw_client.stream(
+            "POST", f"{server.url}/v1/chat/completions",
+            headers={"X-Tenant-ID": "acme", "Authorization": f"Bearer {tenant.key}"},
+            json={"model": "plain-bot", "messages": QUESTION, "stream": True,
+                  "max_tokens": 1500, "ignore_eos": True}) as raw:
+        assert raw.status_code == 200
+        raw_lines = raw.iter_lines()
+        assert next(line for line in raw_lines if line).startswith("data: {")
+
+        os.killpg(os.getpgid(engines[0].pid), signal.SIGKILL)  # what the OOM killer does
+
+        # The rest of the raw stream ends cleanly (no incomplete chunked read) with
+        # OpenAI's error object, then [DONE].
+        rest = [line[len("data: "):] for line in raw_lines if line]
+    assert rest[-1] == "[DONE]", rest[-3:]
+    error = json.loads(rest[-2])["error"]
+    assert error["code"] == "engine_unavailable", error
+    assert error["type"] == "service_unavailable_error" and error["param"] is None
+    assert all("error" not in json.loads(e) for e in rest[:-2])
+    with pytest.raises(openai.APIError) as raised:
+        for _chunk in sdk_chunks:
+            pass
+    assert not isinstance(raised.value, openai.APIConnectionError), raised.value
+    assert raised.value.code == "engine_unavailable" and "engine" in raised.value.message
 
     # The gateway notices at once (it supervises the process), not at its next health poll.
     def engine_status() -> dict:

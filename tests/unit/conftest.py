@@ -289,8 +289,8 @@ class SwitchableTransport(httpx.AsyncBaseTransport):
 
 
 class _BrokenStream(httpx.AsyncByteStream):
-    """The first `events` events of `inner` and half of the next one, then `error` (or a
-    plain end)."""
+    """The first `events` events of `inner`, then half of the next one and `error`; or, if
+    `error` is None, a plain end (a clean close between two events, without vLLM's [DONE])."""
 
     def __init__(self, inner: httpx.AsyncByteStream | httpx.SyncByteStream, events: int,
                  error: httpx.TransportError | None) -> None:
@@ -302,9 +302,9 @@ class _BrokenStream(httpx.AsyncByteStream):
         events = body.split(b"\n\n")
         assert len(events) > self.events + 1, "the stream has too few events to cut"
         yield b"".join(event + b"\n\n" for event in events[:self.events])
-        cut = events[self.events]
-        yield cut[:len(cut) // 2]
         if self.error is not None:
+            cut = events[self.events]
+            yield cut[:len(cut) // 2]
             raise self.error
 
 

@@ -138,7 +138,8 @@ async def test_stream_the_engine_breaks_ends_with_an_error_event(gw, make_adapte
     text = raw.decode()
     assert text.endswith("\n\n") and version["engine_name"] not in text
     events = sse_events(text)
-    # What arrived is passed on (the half event after it is not), then vLLM's error shape.
+    # What arrived is passed on (an incomplete event after it is not), then the error in
+    # vLLM's in-band shape.
     assert [json.loads(e)["choices"][0]["delta"]["content"] for e in events[:2]] == ["Par", "is"]
     assert len(events) == 4 and events[3] == "[DONE]"
     error = json.loads(events[2])
