@@ -43,7 +43,7 @@ class LineError:
 @dataclass
 class DatasetReport:
     format: Format | None
-    examples: list[dict] = field(default_factory=list)
+    examples: list[dict[str, Any]] = field(default_factory=list)
     errors: list[LineError] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -138,7 +138,7 @@ def _json_type(value: Any) -> str:
             type(None): "null", int: "a number", float: "a number"}.get(type(value), "a value")
 
 
-def _parse_example(obj: dict) -> tuple[Format | None, dict | None, str | None]:
+def _parse_example(obj: dict[str, Any]) -> tuple[Format | None, dict[str, Any] | None, str | None]:
     """(format, normalised example, None) or (None, None, problem)."""
     if "messages" in obj:
         if "prompt" in obj or "completion" in obj:
@@ -160,12 +160,12 @@ def _parse_example(obj: dict) -> tuple[Format | None, dict | None, str | None]:
                         "(prompt/completion format)")
 
 
-def _parse_messages(messages: Any) -> tuple[list[dict], str | None]:
+def _parse_messages(messages: Any) -> tuple[list[dict[str, Any]], str | None]:
     if not isinstance(messages, list):
         return [], f"'messages' must be an array, got {_json_type(messages)}"
     if not messages:
         return [], "'messages' is empty"
-    out: list[dict] = []
+    out: list[dict[str, Any]] = []
     trained = 0
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
@@ -205,7 +205,7 @@ def _parse_messages(messages: Any) -> tuple[list[dict], str | None]:
     return out, None
 
 
-def _join_text_parts(parts: list, where: str) -> tuple[str, str | None]:
+def _join_text_parts(parts: list[Any], where: str) -> tuple[str, str | None]:
     texts = []
     for j, part in enumerate(parts):
         if not isinstance(part, dict) or part.get("type") != "text":
@@ -219,30 +219,32 @@ def _join_text_parts(parts: list, where: str) -> tuple[str, str | None]:
 # ------------------------------------------------------------------------------- tokenization
 
 
-def to_messages(example: dict) -> list[dict]:
+def to_messages(example: dict[str, Any]) -> list[dict[str, Any]]:
     """The chat messages of a validated example (prompt/completion becomes user + assistant)."""
     if "messages" in example:
-        return example["messages"]
+        messages: list[dict[str, Any]] = example["messages"]
+        return messages
     return [{"role": "user", "content": example["prompt"]},
             {"role": "assistant", "content": example["completion"]}]
 
 
-def _template_messages(messages: list[dict]) -> list[dict]:
+def _template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Only role and content reach the chat template."""
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(_template_messages(messages), tokenize=False,
-                                         add_generation_prompt=generation_prompt)
+def _render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool = False) -> str:
+    text: str = tokenizer.apply_chat_template(_template_messages(messages), tokenize=False,
+                                              add_generation_prompt=generation_prompt)
+    return text
 
 
-def count_tokens(tokenizer: Any, messages: list[dict]) -> int:
+def count_tokens(tokenizer: Any, messages: list[dict[str, Any]]) -> int:
     text = _render(tokenizer, messages)
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans to train on.
 
     A span is one assistant message's text as the template renders it, up to and including the
@@ -282,7 +284,7 @@ def assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tup
     return full, spans
 
 
-def tokenize_example(tokenizer: Any, messages: list[dict], max_len: int) -> tuple[list[int], list[int]]:
+def tokenize_example(tokenizer: Any, messages: list[dict[str, Any]], max_len: int) -> tuple[list[int], list[int]]:
     """input_ids and labels for one conversation, truncated to `max_len` tokens.
 
     Labels are IGNORE_INDEX (-100) everywhere except the assistant messages' tokens and the
@@ -298,7 +300,7 @@ def tokenize_example(tokenizer: Any, messages: list[dict], max_len: int) -> tupl
     return input_ids[:max_len], labels[:max_len]
 
 
-def collate(features: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict:
+def collate(features: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, Any]:
     """Right-pad a batch: pads get attention_mask 0 and label -100.
 
     The pad positions come from each sequence's length, never from comparing token ids with
@@ -321,11 +323,11 @@ def collate(features: list[tuple[list[int], list[int]]], pad_token_id: int) -> d
 # --------------------------------------------------------------------------- general mix-in
 
 
-def load_general_examples(path: Path = GENERAL_DATA) -> list[dict]:
+def load_general_examples(path: Path = GENERAL_DATA) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def mix_general(examples: list[dict], ratio: float, seed: int) -> list[dict]:
+def mix_general(examples: list[dict[str, Any]], ratio: float, seed: int) -> list[dict[str, Any]]:
     """Add round(len(examples) * ratio) general instruction examples (against forgetting).
 
     The general examples are drawn without replacement while there are enough, then again. The
@@ -339,7 +341,7 @@ def mix_general(examples: list[dict], ratio: float, seed: int) -> list[dict]:
         return examples
     pool = load_general_examples()
     rng = random.Random(seed)
-    drawn: list[dict] = []
+    drawn: list[dict[str, Any]] = []
     while len(drawn) < count:
         batch = pool[:]
         rng.shuffle(batch)

@@ -151,8 +151,8 @@ class EvalResult:
 # ------------------------------------------------------------------------------------ helpers
 
 
-def split_holdout(examples: list[dict], fraction: float = 0.1,
-                  seed: int = 42) -> tuple[list[dict], list[dict]]:
+def split_holdout(examples: list[dict[str, Any]], fraction: float = 0.1,
+                  seed: int = 42) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Shuffle and split off round(len * fraction) examples (at least 1) for evaluation."""
     if len(examples) < 2:
         raise TrainingError("need at least 2 examples to hold one out")
@@ -215,7 +215,8 @@ def load_base_model(base_model: Path, *, load_in_4bit: bool = False) -> Any:
         model = prepare_model_for_kbit_training(
             model, gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=dtype).to(dev)
+        model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=dtype)
+        model = model.to(dev)  # type: ignore[arg-type]  # transformers types .to() narrowly
     model.config.use_cache = False
     return model
 
@@ -258,7 +259,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total
     return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
 
 
-def _fingerprint(examples: list[dict], config: TrainConfig) -> str:
+def _fingerprint(examples: list[dict[str, Any]], config: TrainConfig) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps(config.training_fields(), sort_keys=True).encode())
     for example in examples:
@@ -335,7 +336,7 @@ def load_checkpoint(checkpoint: Path, model: Any, optimizer: torch.optim.Optimiz
     if state.get("version") != _STATE_VERSION:
         raise TrainingError(f"{checkpoint} was written by another trainer version")
     weights = load_file(str(checkpoint / ADAPTER_FILES[1]), device=str(device()))
-    result = set_peft_model_state_dict(model, weights)
+    result: Any = set_peft_model_state_dict(model, weights)  # torch's load-result tuple
     missing = [k for k in result.missing_keys if "lora_" in k]
     if result.unexpected_keys or missing:
         raise TrainingError(f"{checkpoint} does not fit the model: missing {missing[:3]}, "
@@ -343,7 +344,8 @@ def load_checkpoint(checkpoint: Path, model: Any, optimizer: torch.optim.Optimiz
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
-    return state
+    restored: dict[str, Any] = state
+    return restored
 
 
 def save_adapter(model: Any, target: Path, base_model_name: str) -> Path:
@@ -375,7 +377,8 @@ def _batch_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     return total / max(count, 1), count
 
 
-def _tokenize_all(tokenizer: Any, examples: list[dict], max_len: int) -> tuple[list, int]:
+def _tokenize_all(tokenizer: Any, examples: list[dict[str, Any]],
+                  max_len: int) -> tuple[list[tuple[list[int], list[int]]], int]:
     features, skipped = [], 0
     for number, example in enumerate(examples):
         try:
@@ -389,7 +392,7 @@ def _tokenize_all(tokenizer: Any, examples: list[dict], max_len: int) -> tuple[l
     return features, skipped
 
 
-def train(base_model: Path, examples: list[dict], config: TrainConfig, work_dir: Path, *,
+def train(base_model: Path, examples: list[dict[str, Any]], config: TrainConfig, work_dir: Path, *,
           on_progress: Callable[[Progress], None] = lambda _p: None,
           should_stop: Callable[[], bool] = lambda: False) -> TrainResult:
     """Train a LoRA adapter on validated examples; resume from work_dir's latest checkpoint."""
@@ -492,7 +495,7 @@ def train(base_model: Path, examples: list[dict], config: TrainConfig, work_dir:
 
 
 @torch.no_grad()
-def evaluate(base_model: Path, examples: list[dict], adapter_dir: Path | None,
+def evaluate(base_model: Path, examples: list[dict[str, Any]], adapter_dir: Path | None,
              max_seq_len: int = 512, *, batch_size: int = 4) -> EvalResult:
     """Mean assistant-token loss of the base model, or of base + adapter, on `examples`."""
     base_model = Path(base_model)
