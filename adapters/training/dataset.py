@@ -284,7 +284,8 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str
     return full, spans
 
 
-def tokenize_example(tokenizer: Any, messages: list[dict[str, Any]], max_len: int) -> tuple[list[int], list[int]]:
+def tokenize_example(tokenizer: Any, messages: list[dict[str, Any]],
+                     max_len: int) -> tuple[list[int], list[int]]:
     """input_ids and labels for one conversation, truncated to `max_len` tokens.
 
     Labels are IGNORE_INDEX (-100) everywhere except the assistant messages' tokens and the
