@@ -396,3 +396,21 @@ async def test_cancel_stops_lease_renewal(queue) -> None:
     await jobs.cancel_job("acme", job.id)
     assert await jobs.renew(job.id, "w1", 30) is False
     assert (await jobs.get_job("acme", job.id)).status == "cancelled"
+
+
+async def test_uploads_are_not_read_for_strangers(gw: Gw, monkeypatch) -> None:
+    """Without a valid key the form is never parsed: 401 before any byte is buffered."""
+    from starlette.requests import Request
+
+    parsed = []
+    real_form = Request.form
+
+    def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        parsed.append(self.url.path)
+        return real_form(self, *args, **kwargs)
+
+    monkeypatch.setattr(Request, "form", spy)
+    r = await gw.client.post(FILES, data={"purpose": "fine-tune"},
+                             files={"file": ("train.jsonl", dataset(), "application/jsonl")})
+    gw.expect_error(r, 401)
+    assert parsed == []
