@@ -9,6 +9,11 @@ Reads go through a `DiskCache`: the engine loads a local folder, and every byte 
 the cache was checked against the manifest's sizes and sha256 first, so a corrupted or
 truncated object is refused (Corrupt) instead of being loaded.
 
+Blobs (training files, checkpoints; see adapters/store.py) live under `<prefix>/_data/`. A
+folder's files go under `<key>/<uid>/` and its marker `<key>/complete.json` (naming the uid)
+is written last and only if absent, so two writers of one folder never mix their files: the
+second one's marker is refused and its objects removed. Blobs bypass the disk cache.
+
 boto3 is synchronous; every call runs in a thread. botocore's own retries (standard mode,
 `max_attempts`) absorb brief throttling and 5xx; what is left is mapped to the domain errors
 by `adapters.s3.errors`.
@@ -21,6 +26,8 @@ import base64
 import hashlib
 import json
 import logging
+import secrets
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -31,7 +38,18 @@ from botocore.exceptions import BotoCoreError, ClientError
 from adapters.disk_cache import DiskCache
 from adapters.errors import Corrupt, LoraplexError, NotFound, Unavailable
 from adapters.s3.errors import NOT_FOUND, RETRY_AFTER_S, error_code, map_error
-from adapters.store import MANIFEST_FILE, AdapterStore, Manifest
+from adapters.store import (
+    BLOB_ROOT,
+    FOLDER_MARKER,
+    MANIFEST_FILE,
+    MAX_MARKER_BYTES,
+    AdapterStore,
+    Manifest,
+    check_blob_key,
+    folder_files,
+    parse_folder_marker,
+    receive_folder,
+)
 from adapters.validation import ADAPTER_FILES
 
 log = logging.getLogger(__name__)
@@ -199,6 +217,172 @@ class S3Store(AdapterStore):
             if isinstance(exc, ClientError) and error_code(exc) in NOT_FOUND | {"NoSuchBucket"}:
                 return
             raise map_error(exc, f"deleting {key} from {self.description}", key=key) from exc
+
+    # -- blobs -------------------------------------------------------------------------------
+
+    def blob_object(self, key: str) -> str:
+        return self.object_key(BLOB_ROOT, check_blob_key(key))
+
+    async def put_blob(self, key: str, data: bytes) -> None:
+        obj = self.blob_object(key)
+        try:
+            await asyncio.to_thread(self._put_object_checked, obj, data, hashlib.sha256(data))
+        except (BotoCoreError, ClientError) as exc:
+            raise map_error(exc, f"storing {key} in {self.description}", key=key) from exc
+
+    def _put_object_checked(self, obj: str, body: BinaryIO | bytes, digest: Any,
+                            **extra: Any) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=obj, Body=body,
+                               ChecksumSHA256=base64.b64encode(digest.digest()).decode(),
+                               **extra)
+
+    async def get_blob(self, key: str, *, limit: int) -> bytes:
+        obj = self.blob_object(key)
+        try:
+            return await asyncio.to_thread(self._get_bytes, obj, limit)
+        except ClientError as exc:
+            if error_code(exc) in NOT_FOUND:
+                raise NotFound(f"{key} is not in {self.description}",
+                               code="blob_not_found") from exc
+            raise map_error(exc, f"reading {key} from {self.description}", key=key) from exc
+        except BotoCoreError as exc:
+            raise map_error(exc, f"reading {key} from {self.description}", key=key) from exc
+
+    async def delete_blob(self, key: str) -> None:
+        obj = self.blob_object(key)
+        try:
+            await asyncio.to_thread(self.client.delete_object, Bucket=self.bucket, Key=obj)
+        except (BotoCoreError, ClientError) as exc:
+            if isinstance(exc, ClientError) and error_code(exc) in NOT_FOUND | {"NoSuchBucket"}:
+                return
+            raise map_error(exc, f"deleting {key} from {self.description}", key=key) from exc
+
+    async def put_folder(self, key: str, folder: Path) -> None:
+        await asyncio.to_thread(self._put_folder, key, folder)
+
+    def _put_folder(self, key: str, folder: Path) -> None:
+        what = f"storing {key} in {self.description}"
+        base = self.blob_object(key)
+        marker_obj = f"{base}/{FOLDER_MARKER}"
+        uid = secrets.token_hex(6)
+        uploaded: list[str] = []
+        try:
+            if self._exists(marker_obj):
+                return
+            files: dict[str, dict[str, int | str]] = {}
+            for rel in folder_files(folder):
+                with (folder / rel).open("rb") as body:
+                    digest, size = hashlib.sha256(), 0
+                    while chunk := body.read(CHUNK):
+                        digest.update(chunk)
+                        size += len(chunk)
+                    body.seek(0)
+                    # S3 refuses the bytes if they are not the ones hashed (file changed).
+                    self._put_object_checked(f"{base}/{uid}/{rel}", body, digest)
+                uploaded.append(f"{base}/{uid}/{rel}")
+                files[rel] = {"size": size, "sha256": digest.hexdigest()}
+            marker = json.dumps({"uid": uid, "files": files,
+                                 "created_at": datetime.now(timezone.utc).isoformat()},
+                                indent=2, sort_keys=True).encode()
+            try:
+                self._put_object_checked(marker_obj, marker, hashlib.sha256(marker),
+                                         IfNoneMatch="*")
+            except ClientError as exc:
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if error_code(exc) == "PreconditionFailed" or status == 412:
+                    self._delete_objects(uploaded)  # another writer completed it first
+                    return
+                raise
+        except BaseException as exc:
+            self._delete_objects(uploaded)
+            if isinstance(exc, Exception) and not isinstance(exc, LoraplexError):
+                raise map_error(exc, what, key=key) from exc
+            raise
+
+    def _exists(self, obj: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=obj)
+        except ClientError as exc:
+            if error_code(exc) in NOT_FOUND:
+                return False
+            raise
+        return True
+
+    async def get_folder(self, key: str, dest: Path) -> None:
+        await asyncio.to_thread(self._get_folder, key, dest)
+
+    def _get_folder(self, key: str, dest: Path) -> None:
+        what = f"reading {key} from {self.description}"
+        base = self.blob_object(key)
+        current = FOLDER_MARKER
+        try:
+            raw = self._get_bytes(f"{base}/{FOLDER_MARKER}", limit=MAX_MARKER_BYTES)
+            files = parse_folder_marker(key, raw)
+            try:
+                uid = check_blob_key(str(json.loads(raw)["uid"]))
+            except (ValueError, KeyError) as exc:
+                raise Corrupt(f"folder {key}: {FOLDER_MARKER} names no uid") from exc
+
+            def fetch(rel: str, target: Path) -> tuple[int, str]:
+                nonlocal current
+                current = rel
+                return download(self.client, self.bucket, f"{base}/{uid}/{rel}", target,
+                                limit=files[rel][0])
+
+            receive_folder(key, files, dest, fetch)
+        except ClientError as exc:
+            if error_code(exc) in NOT_FOUND:
+                raise NotFound(f"folder {key} is not in {self.description}: {current} is "
+                               "missing (deleted, or never completed)",
+                               code="blob_not_found") from exc
+            raise map_error(exc, what, key=key) from exc
+        except (BotoCoreError, OSError) as exc:
+            raise map_error(exc, what, key=key) from exc
+
+    async def list_folders(self, prefix: str) -> list[str]:
+        base = self.blob_object(prefix) + "/"
+        try:
+            keys = await asyncio.to_thread(self._list, base)
+        except (BotoCoreError, ClientError) as exc:
+            raise map_error(exc, f"listing {prefix} in {self.description}") from exc
+        names = set()
+        for obj in keys:
+            name, _, rest = obj[len(base):].partition("/")
+            if name and rest == FOLDER_MARKER:
+                names.add(name)
+        return sorted(names)
+
+    def _list(self, base: str) -> list[str]:
+        keys: list[str] = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=base):
+            keys.extend(o["Key"] for o in page.get("Contents", []))
+        return keys
+
+    async def delete_prefix(self, prefix: str) -> None:
+        await asyncio.to_thread(self._delete_prefix, prefix)
+
+    def _delete_prefix(self, prefix: str) -> None:
+        what = f"deleting {prefix} from {self.description}"
+        try:
+            keys = self._list(self.blob_object(prefix) + "/")
+            markers = [k for k in keys if k.endswith("/" + FOLDER_MARKER)]
+            rest = [k for k in keys if not k.endswith("/" + FOLDER_MARKER)]
+            # Markers first: from then on no folder under the prefix exists for readers.
+            for batch in (markers, rest):
+                for start in range(0, len(batch), 1000):  # delete_objects takes 1000 at most
+                    resp = self.client.delete_objects(Bucket=self.bucket, Delete={
+                        "Objects": [{"Key": k} for k in batch[start:start + 1000]],
+                        "Quiet": True})
+                    if resp.get("Errors"):
+                        raise Unavailable(f"{what}: "
+                                          f"{resp['Errors'][0].get('Message', 'failed')}",
+                                          code="store_unavailable",
+                                          retry_after_s=RETRY_AFTER_S)
+        except (BotoCoreError, ClientError) as exc:
+            if isinstance(exc, ClientError) and error_code(exc) == "NoSuchBucket":
+                return
+            raise map_error(exc, what, key=prefix) from exc
 
 
 def download(client: Any, bucket: str, obj: str, target: Path,
