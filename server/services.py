@@ -47,15 +47,22 @@ from server.watchers import (
 
 
 def read_or_create_secret(path: Path, make: str) -> str:
-    """A secret kept in the data folder (mode 0600), created on first use."""
+    """A secret kept in the data folder (mode 0600), created on first use. Processes that
+    start together (the units of `loraplex up --units N`) all get the one that was written
+    first: it is linked into place, never renamed over another."""
     if path.is_file():
         return path.read_text().strip()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(make)
-    tmp.rename(path)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return path.read_text().strip()
+    finally:
+        tmp.unlink()
     return make
 
 
@@ -116,7 +123,7 @@ def build_worker(settings: Settings, registry: Registry, model_path: Path) -> Wo
     """A training worker (`loraplex worker`): the registry, the store and the base model, no
     engine and no gateway."""
     store, _ = build_store(settings)
-    return Worker(JobStore(registry, settings.home / "files"), registry, store, model_path,
+    return Worker(JobStore(registry, store), registry, store, model_path,
                   BaseModelInfo.from_folder(model_path), adapter_limits(settings),
                   settings.model_name, settings.home / "training", lease_s=settings.worker_lease_s)
 
@@ -152,7 +159,8 @@ class Services:
         process = None
         engine_url = settings.engine_url
         if engine_url is None:
-            process = EngineProcess(settings, model_path, settings.home / "logs" / "engine.log")
+            process = EngineProcess(settings, model_path, settings.engine_log_path,
+                                    settings.engine_pid_path)
             engine_url = process.url
         engine = EngineClient(engine_url, settings.engine_request_timeout_s, engine_transport)
         readiness = EngineReadiness(metrics.engine_up)
@@ -169,7 +177,8 @@ class Services:
             tiers["disk"] = lambda: vars(store.cache.stats)
         metrics.watch_adapter_tiers(source, tiers)
         metrics.slot_waiting.set_function(lambda: residency.waiting)
-        salt = read_or_create_secret(settings.home / "secret", secrets.token_hex(32))
+        salt = settings.cache_salt_secret or read_or_create_secret(
+            settings.home / "secret", secrets.token_hex(32))
         admin_token = settings.admin_token or read_or_create_secret(
             settings.home / "admin_token", "lpx-admin-" + secrets.token_urlsafe(24))
         admission = FairAdmission(settings.max_in_flight, settings.tenant_max_in_flight,
@@ -178,7 +187,7 @@ class Services:
         gateway = Gateway(registry, store, residency, engine, readiness, settings.model_name,
                           salt.encode(), admission, on_token_gap=metrics.itl.observe)
         base_info = BaseModelInfo.from_folder(model_path)
-        jobs = JobStore(registry, settings.home / "files")
+        jobs = JobStore(registry, store)
         background = Background()
         auth = TenantAuth(registry)
 

@@ -30,7 +30,15 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     """Gateway port."""
     admin_token: str | None = None
-    """Bearer token of the admin API; generated and stored in the data folder when unset."""
+    """Bearer token of the admin API; generated and stored in the data folder when unset. On a
+    fleet, set it from a Kubernetes Secret: every unit must accept the same token."""
+    cache_salt_secret: str | None = None
+    """Secret the per-tenant prefix-cache salt is derived from (HMAC). On a fleet, set it from a
+    Kubernetes Secret: every unit must give a tenant the same salt. Unset: created once in the
+    data folder, which the units of one box (`loraplex up --units N`) share."""
+    unit_dir: Path | None = None
+    """This unit's own folder: engine log, engine pid file, disk cache. Unset: the data folder.
+    `loraplex up --units N` gives unit i `<home>/units/<i>`; everything else stays shared."""
     database_url: str | None = None
     """SQLAlchemy async URL of the registry; a SQLite file in the data folder when unset."""
 
@@ -154,7 +162,20 @@ class Settings(BaseSettings):
 
     @property
     def cache_dir(self) -> Path:
-        return self.home / "cache"
+        return self.unit_home / "cache"
+
+    @property
+    def unit_home(self) -> Path:
+        """This unit's own folder (see `unit_dir`)."""
+        return self.unit_dir or self.home
+
+    @property
+    def engine_log_path(self) -> Path:
+        return self.unit_home / "logs" / "engine.log"
+
+    @property
+    def engine_pid_path(self) -> Path:
+        return self.unit_home / "engine.pid"
 
     @property
     def models_dir(self) -> Path:
