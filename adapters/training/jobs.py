@@ -14,12 +14,18 @@ A worker claims a queued job (or a running one whose lease ran out: its worker d
 compare-and-set update, so two workers never both win it, and renews the lease while it
 trains. Losing the lease (or the job being cancelled) tells the worker to stop. Every status
 change is a compare-and-set on the status it leaves, so a cancel that lands in between wins.
+
+The bytes live in the store (adapters/store.py blobs), not on the unit that took them, so any
+unit and any worker reads them: a training file at `files/<tenant>/<file-id>.jsonl` (its row's
+`path` holds that key; rows written before keep an absolute local path, still read), a job's
+checkpoints at `checkpoints/<job-id>/step-N/`. The blob is written before its row and deleted
+after it, so a row never names a missing blob (a blob without a row is harmless garbage).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
+import logging
 import secrets
 from collections.abc import Collection
 from datetime import datetime, timedelta, timezone
@@ -32,7 +38,10 @@ from sqlalchemy import CursorResult, Result, func, or_, select, update
 from adapters.errors import Conflict, InvalidInput, NotFound
 from adapters.registry import Registry
 from adapters.registry.models import FineTuneJob, JobCheckpoint, JobEvent, TrainingFile, utcnow
+from adapters.store import AdapterStore
 from adapters.training.recipe import TrainingRecipe
+
+log = logging.getLogger(__name__)
 
 
 class JobStatus(str, Enum):
@@ -58,10 +67,18 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def file_key(tenant: str, file_id: str) -> str:
+    return f"files/{tenant}/{file_id}.jsonl"
+
+
+def checkpoints_prefix(job_id: str) -> str:
+    return f"checkpoints/{job_id}"
+
+
 class JobStore:
-    def __init__(self, registry: Registry, files_dir: Path) -> None:
+    def __init__(self, registry: Registry, store: AdapterStore) -> None:
         self.registry = registry
-        self.files_dir = files_dir
+        self.store = store
 
     # -- files -------------------------------------------------------------------------------
 
@@ -69,15 +86,15 @@ class JobStore:
                           data: bytes) -> TrainingFile:
         await self.registry.get_tenant(tenant)
         file_id = "file-" + secrets.token_hex(12)
-        path = self.files_dir / tenant / f"{file_id}.jsonl"
-        await asyncio.to_thread(_write_atomically, path, data)
+        key = file_key(tenant, file_id)
+        await self.store.put_blob(key, data)  # first: a row never names a missing blob
         try:
             async with self.registry.transaction() as s:
                 row = TrainingFile(id=file_id, tenant_id=tenant, filename=filename[:256],
-                                   purpose=purpose, bytes=len(data), path=str(path))
+                                   purpose=purpose, bytes=len(data), path=key)
                 s.add(row)
         except BaseException:
-            path.unlink(missing_ok=True)
+            await self._forget_blob(key)
             raise
         return row
 
@@ -98,13 +115,30 @@ class JobStore:
 
     async def read_file(self, tenant: str, file_id: str) -> bytes:
         row = await self.get_file(tenant, file_id)
-        return await asyncio.to_thread(Path(row.path).read_bytes)
+        if Path(row.path).is_absolute():  # a row from before files lived in the store
+            try:
+                return await asyncio.to_thread(Path(row.path).read_bytes)
+            except FileNotFoundError as exc:
+                raise NotFound(f"the content of file {file_id!r} is missing", param="file_id",
+                               code="file_not_found") from exc
+        return await self.store.get_blob(row.path, limit=row.bytes)
 
     async def delete_file(self, tenant: str, file_id: str) -> None:
         row = await self.get_file(tenant, file_id)
         async with self.registry.transaction() as s:
             await s.delete(await s.get(TrainingFile, row.id))
-        Path(row.path).unlink(missing_ok=True)
+        if Path(row.path).is_absolute():
+            Path(row.path).unlink(missing_ok=True)
+        else:
+            await self._forget_blob(row.path)
+
+    async def _forget_blob(self, key: str) -> None:
+        """Delete a blob no row names; if the store fails it stays, as harmless garbage."""
+        try:
+            await self.store.delete_blob(key)
+        except Exception:
+            log.warning("could not delete %s from %s; left behind", key,
+                        self.store.description, exc_info=True)
 
     # -- jobs ----------------------------------------------------------------------------------
 
@@ -184,8 +218,11 @@ class JobStore:
                 update(FineTuneJob).where(FineTuneJob.id == job_id,
                                           FineTuneJob.status.in_(_values(ACTIVE)))
                 .values(status=JobStatus.CANCELLED.value, finished_at=utcnow()))
-            if _rowcount(result):
+            cancelled = bool(_rowcount(result))
+            if cancelled:
                 s.add(JobEvent(job_id=job_id, message="Job cancelled"))
+        if cancelled:  # its worker (if alive) deletes them too, once it has stopped
+            await self.delete_checkpoints(job_id)
         job = await self.get_job(tenant, job_id)
         if job.status != JobStatus.CANCELLED:
             raise Conflict(f"job {job_id} has already {job.status}", code="job_finished")
@@ -221,6 +258,15 @@ class JobStore:
         async with self.registry.transaction() as s:
             return list((await s.scalars(select(JobCheckpoint).where(
                 JobCheckpoint.job_id == job_id).order_by(JobCheckpoint.step.desc()))).all())
+
+    async def delete_checkpoints(self, job_id: str) -> None:
+        """Remove the job's checkpoint files from the store (it has ended); if the store
+        fails they stay behind, unread."""
+        try:
+            await self.store.delete_prefix(checkpoints_prefix(job_id))
+        except Exception:
+            log.warning("could not delete the checkpoints of %s from %s; left behind", job_id,
+                        self.store.description, exc_info=True)
 
     async def status_counts(self) -> tuple[dict[str, int], dict[str, float]]:
         """Jobs per status, and the progress of each running job (for metrics)."""
@@ -305,16 +351,6 @@ def _rowcount(result: Result[Any]) -> int:
 
 def _values(statuses: Collection[JobStatus]) -> list[str]:
     return [status.value for status in statuses]
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.rename(path)
 
 
 def check_purpose(purpose: str) -> str:

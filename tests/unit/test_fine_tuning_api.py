@@ -19,6 +19,7 @@ from sqlalchemy import update
 from adapters.errors import Conflict
 from adapters.registry import Registry
 from adapters.registry.models import FineTuneJob
+from adapters.store import LocalStore
 from adapters.training.jobs import JobStatus, JobStore
 from adapters.training.recipe import TrainingRecipe
 from tests.unit.conftest import BASE_MODEL, Gw, wait_until
@@ -334,7 +335,7 @@ async def queue(tmp_path: Path):
     registry = Registry(f"sqlite+aiosqlite:///{tmp_path / 'r.db'}")
     await registry.create_schema()
     await registry.create_tenant("acme")
-    jobs = JobStore(registry, tmp_path / "files")
+    jobs = JobStore(registry, LocalStore(tmp_path / "store"))
     f = await jobs.create_file("acme", "t.jsonl", "fine-tune", dataset())
     yield jobs, f.id
     await registry.close()

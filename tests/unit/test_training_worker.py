@@ -66,7 +66,7 @@ async def rig(tmp_path: Path, base_model_dir: Path,
     registry = Registry(f"sqlite+aiosqlite:///{tmp_path / 'r.db'}")
     await registry.create_schema()
     await registry.create_tenant("acme")
-    jobs = JobStore(registry, tmp_path / "files")
+    jobs = JobStore(registry, LocalStore(tmp_path / "store"))
     f = await jobs.create_file("acme", "t.jsonl", "fine-tune", dataset())
     worker = Worker(jobs, registry, LocalStore(tmp_path / "store"), base_model_dir,
                     BaseModelInfo.from_folder(base_model_dir), AdapterLimits(16, 10**9),
