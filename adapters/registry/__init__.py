@@ -21,19 +21,21 @@ from sqlalchemy.orm import selectinload
 
 from adapters.errors import Conflict, NotFound
 from adapters.names import ModelRef, check_alias, check_name
+from adapters.registry import migrate
+from adapters.registry.migrate import SchemaError, SchemaState
 from adapters.registry.models import (
     Adapter,
     AdapterVersion,
     Alias,
     ApiKey,
-    Base,
     RegistryState,
     Tenant,
     utcnow,
 )
 from adapters.spec import AdapterSpec
 
-__all__ = ["Registry", "VersionSpec", "Adapter", "AdapterVersion", "Alias", "ApiKey", "Tenant"]
+__all__ = ["Registry", "VersionSpec", "Adapter", "AdapterVersion", "Alias", "ApiKey", "Tenant",
+           "SchemaError", "SchemaState"]
 
 KEY_PREFIX = "lpx-"
 
@@ -74,15 +76,22 @@ class Registry:
         so this process drops its cached lookups at once (others see the generation move)."""
         self._listeners.append(listener)
 
-    async def create_schema(self) -> None:
-        async with self.engine.begin() as conn:
-            await conn.run_sync(Base.metadata.create_all)
+    async def create_schema(self) -> SchemaState:
+        """Upgrade the database to the newest schema revision (see `migrate`): creates it
+        when empty, recognises one made before migrations; safe when several processes
+        start at once. Raises `SchemaError` for a schema it must not touch."""
+        state = await migrate.upgrade(self.engine)
         try:
             async with self._tx() as s:
                 if await s.get(RegistryState, 1) is None:
                     s.add(RegistryState(id=1, generation=0))
         except IntegrityError:
             pass  # another gateway sharing the database made the row first
+        return state
+
+    async def schema_state(self) -> SchemaState:
+        """The database's schema revision, without changing anything."""
+        return await migrate.current(self.engine)
 
     async def generation(self) -> int:
         """A number that changes whenever a key is revoked or a model name may resolve
@@ -196,12 +205,19 @@ class Registry:
             adapter = await _adapter_or_none(s, tenant_id, name)
             created = adapter is None
             if adapter is None:
-                adapter = Adapter(tenant_id=tenant_id, name=name, next_version=1)
-                s.add(adapter)
+                s.add(Adapter(tenant_id=tenant_id, name=name, next_version=1))
                 await s.flush()
-            version = adapter.next_version
-            adapter.next_version = version + 1
-            return version, created
+            # One atomic increment: on PostgreSQL the UPDATE takes the row lock and a
+            # concurrent one (another unit) waits, then increments what this one committed.
+            # Reading next_version and writing it back would hand one number out twice.
+            taken = await s.scalar(
+                update(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name)
+                .values(next_version=Adapter.next_version + 1)
+                .returning(Adapter.next_version - 1))
+            if taken is None:  # deleted by a concurrent call since we read it
+                raise NotFound(f"adapter {name!r} not found for tenant {tenant_id!r}",
+                               code="adapter_not_found")
+            return taken, created
 
     async def add_version(self, tenant_id: str, name: str, version: int,
                           spec: VersionSpec) -> AdapterVersion:
@@ -372,7 +388,8 @@ def _deleted(versions: Sequence[AdapterVersion]) -> DeletedVersions:
 
 
 def timestamp(value: datetime) -> int:
-    """Unix seconds, as OpenAI objects carry them (SQLite gives back naive UTC datetimes)."""
+    """Unix seconds, as OpenAI objects carry them. Registry datetimes are aware UTC on every
+    database (models.UTCDateTime); a naive one is taken as UTC, never as local time."""
     if value.tzinfo is None:
         value = value.replace(tzinfo=timezone.utc)
     return int(value.timestamp())

@@ -290,7 +290,10 @@ class JobStore:
                     FineTuneJob.status == JobStatus.QUEUED.value,
                     (FineTuneJob.status == JobStatus.RUNNING.value)
                     & (FineTuneJob.lease_expires_at < now)))
-                .order_by(FineTuneJob.created_at).limit(5))).all()
+                .order_by(FineTuneJob.created_at).limit(5)
+                # PostgreSQL: rows another worker is claiming right now are skipped, not
+                # waited for (SQLite renders nothing here: its writers are serialized).
+                .with_for_update(skip_locked=True))).all()
             for job in candidates:
                 was, attempts = job.status, job.attempts  # the update refreshes `job`
                 # Compare-and-set on what we read: only one worker's update matches.
