@@ -21,6 +21,7 @@ Each validator is also shown a broken input and must refuse it, so none passes v
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import shutil
@@ -150,6 +151,10 @@ def listener_ports(config: dict[str, Any]) -> set[int]:
 
 def admin_port(config: dict[str, Any]) -> int:
     return socket(config["admin"]["address"])[1]
+
+
+def admin_is_loopback(config: dict[str, Any]) -> bool:
+    return socket(config["admin"]["address"])[0] in ("127.0.0.1", "::1")
 
 
 def compose_envoy_config_path(compose: dict[str, Any]) -> Path:
@@ -363,10 +368,13 @@ def test_k8s_ports_and_names_agree(manifests: list[dict[str, Any]]) -> None:
 
     envoy = container(manifests, "Deployment", "loraplex-envoy")
     assert listener_ports(config) == {port_of(envoy, "http")}
-    assert admin_port(config) == port_of(envoy, "admin")
-    assert envoy["readinessProbe"]["httpGet"]["port"] == "admin"
     envoy_pod = find(manifests, "Deployment", "loraplex-envoy")["spec"]["template"]
-    assert envoy_pod["metadata"]["annotations"]["prometheus.io/port"] == str(admin_port(config))
+    # Envoy's admin listens on the pod's loopback: the kubelet cannot probe it, nor
+    # Prometheus scrape it, so nothing in the manifests may point at it.
+    assert admin_is_loopback(config)
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert envoy[probe]["tcpSocket"] == {"port": "http"}, probe
+    assert "prometheus.io/scrape" not in envoy_pod["metadata"].get("annotations", {})
     # The ConfigMap is mounted where `-c` points.
     mount = {m["name"]: m["mountPath"] for m in envoy["volumeMounts"]}
     volume = {v["name"]: v for v in envoy_pod["spec"]["volumes"]}
@@ -448,13 +456,26 @@ def test_compose_units_envoy_and_prometheus_agree(compose: dict[str, Any]) -> No
     assert services["worker"]["command"] == ["worker"]
     for role in ("migrate", "worker"):
         assert services[role]["healthcheck"] == {"disable": True}, role  # no HTTP server
-    # Envoy's listener is the port compose publishes.
+    # Envoy's listener is the port compose publishes (its admin is on its loopback only).
     config = envoy_config(compose_envoy_config_path(compose))
     published = {int(p.split(":")[-1]) for p in services["envoy"]["ports"]}
-    assert listener_ports(config) | {admin_port(config)} == published
-    # Prometheus scrapes every unit (the gateway's and vLLM's metrics) and Envoy.
+    assert listener_ports(config) == published
+    assert admin_is_loopback(config)
+    # Prometheus scrapes every unit: the gateway's metrics and vLLM's.
     prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     targets = {job["job_name"]: set(job["static_configs"][0]["targets"])
                for job in prometheus["scrape_configs"]}
     assert targets["loraplex"] == targets["vllm"] == {f"{n}:{UNIT_PORT}" for n in units}
-    assert targets["envoy"] == {f"envoy:{admin_port(config)}"}
+
+
+def test_compose_envoy_config_is_what_its_script_renders(compose: dict[str, Any]) -> None:
+    """deploy/envoy/envoy-compose.yaml is generated (deploy/envoy/render.py): not stale."""
+    spec = importlib.util.spec_from_file_location("envoy_render", ENVOY_DIR / "render.py")
+    assert spec is not None and spec.loader is not None
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    assert compose_envoy_config_path(compose) == render.COMPOSE_FILE
+    assert render.COMPOSE_FILE.read_text() == render.compose_config(), \
+        "deploy/envoy/envoy-compose.yaml is stale: run .venv/bin/python deploy/envoy/render.py"
+    assert [f"{host}:{port}" for host, port in sorted(units_cluster_endpoints(
+        envoy_config(render.COMPOSE_FILE)))] == render.COMPOSE_UNITS
