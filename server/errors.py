@@ -27,6 +27,7 @@ from adapters.errors import (
     Unauthenticated,
     Unavailable,
 )
+from server.cluster.envoy import RETRYABLE_HEADER
 from server.engine.client import EngineError
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,13 @@ def response_for(exc: LoraplexError) -> JSONResponse:
                               code=None if status < 500 else "engine_error")
     for cls, status, type_ in _STATUS:
         if isinstance(exc, cls):
-            return error_response(status, exc.message, type_, exc.param, exc.code,
-                                  exc.retry_after_s)
+            response = error_response(status, exc.message, type_, exc.param, exc.code,
+                                      exc.retry_after_s)
+            if status == 503 and exc.code == "engine_unavailable":
+                # Refused before any work (engine down, not ready, restarted): Envoy may retry
+                # it on another unit. Other 503s (a store outage) are the same on every unit.
+                response.headers[RETRYABLE_HEADER] = "1"
+            return response
     log.error("unmapped error %r", exc)
     return error_response(500, exc.message, "server_error", exc.param, exc.code)
 

@@ -1,6 +1,8 @@
 """One structured line and one set of metrics per request, written when the answer is done.
 
-An `X-Request-ID` is accepted (if it is short and plain) or generated, and returned. Handlers
+An `X-Request-ID` is accepted (if it is short and plain) or generated, and returned; every
+answer, errors included, names the unit that served it in `X-Loraplex-Unit` (the setting
+`unit_name`: behind Envoy, which of the units answered). Handlers
 add what they learn (tenant, adapter, tokens, time to first token) to the request's
 `RequestRecord` (`request.state.record`). No prompt or completion text is ever logged.
 """
@@ -44,11 +46,22 @@ class RequestRecord:
 
 
 class RequestObserver:
-    """ASGI middleware: request id, access log line, request metrics."""
+    """ASGI middleware: request id, unit name, access log line, request metrics.
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    `unit` is the X-Loraplex-Unit value; unset, it is the app's `services.settings.unit_name`,
+    read at the first request."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, unit: str | None = None) -> None:
         self.app = app
         self.metrics = metrics
+        self._unit = unit.encode("latin-1") if unit is not None else None
+
+    def _unit_name(self, scope: Scope) -> bytes:
+        if self._unit is None:
+            services = getattr(getattr(scope.get("app"), "state", None), "services", None)
+            name = getattr(getattr(services, "settings", None), "unit_name", None)
+            self._unit = name.encode("latin-1") if isinstance(name, str) else b""
+        return self._unit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -60,12 +73,14 @@ class RequestObserver:
         scope.setdefault("state", {})["record"] = record
         endpoint = TENANT_ENDPOINTS.get(scope["path"])
         started = time.perf_counter()
+        added = [(b"x-request-id", request_id.encode())]
+        if unit := self._unit_name(scope):
+            added.append((b"x-loraplex-unit", unit))
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 record.status = message["status"]
-                message["headers"] = [*message.get("headers", []),
-                                      (b"x-request-id", request_id.encode())]
+                message["headers"] = [*message.get("headers", []), *added]
             await send(message)
 
         if endpoint:

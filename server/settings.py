@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     """Interface the gateway binds to."""
     port: int = Field(default=8000, ge=1, le=65535)
     """Gateway port."""
+    unit_name: str = Field(default="", pattern=r"^[A-Za-z0-9._:\[\]-]{0,255}$")
+    """This unit's name, sent in the `X-Loraplex-Unit` header of every answer, so that behind
+    Envoy a client (or a test) sees which unit served it. Unset: `host:port` of the gateway.
+    On Kubernetes `$(POD_IP):8000`; in compose the service name and port."""
     admin_token: str | None = None
     """Bearer token of the admin API; generated and stored in the data folder when unset. On a
     fleet, set it from a Kubernetes Secret: every unit must accept the same token."""
@@ -127,6 +131,13 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _default_unit_name(self) -> Settings:
+        if not self.unit_name:
+            host = f"[{self.host}]" if ":" in self.host else self.host
+            self.unit_name = f"{host}:{self.port}"
+        return self
 
     @model_validator(mode="after")
     def _check_bounds(self) -> Settings:
