@@ -21,38 +21,53 @@ from server.settings import Settings
 console = Console(stderr=True)
 
 
-def _up(settings: Settings) -> int:
+def _prepare_model(settings: Settings) -> Path:
+    """The base model folder: LORAPLEX_MODEL_PATH, or the default model (built once)."""
+    if settings.model_path is not None:
+        return settings.model_path
+    from adapters.base_model import ensure_default_model
+
+    started = time.monotonic()
+    with console.status("[bold]Preparing the default base model[/]") as status:
+        model_path = ensure_default_model(
+            settings.models_dir, lambda msg: status.update(f"[bold]Base model:[/] {msg}"))
+    console.print(f"Base model [cyan]{settings.model_name}[/] at {model_path} "
+                  f"({time.monotonic() - started:.1f}s)")
+    return model_path
+
+
+def _print_banner(settings: Settings, serving: str, admin_token: str, ready_when: str) -> None:
+    base = f"http://{settings.host}:{settings.port}"
+    console.print(f"""[bold green]loraplex[/] {serving}
+Data folder: {settings.home}
+Admin token: [bold]{admin_token}[/]  (set LORAPLEX_ADMIN_TOKEN to choose it)
+GET {base}/healthz answers 200 once {ready_when} (about a minute on a CPU).
+""", soft_wrap=True)
+    # No markup, no wrapping: the example must survive copy-paste.
+    console.print(example_text(base, admin_token, settings.model_name), markup=False,
+                  highlight=False, soft_wrap=True)
+
+
+def _uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                          timeout_graceful_shutdown=10, access_log=False)
+
+
+def _up(settings: Settings, units: int = 1) -> int:
     from server.app import create_app
     from server.services import Services
 
     settings.home.mkdir(parents=True, exist_ok=True)
-    if settings.model_path is None:
-        from adapters.base_model import ensure_default_model
-
-        started = time.monotonic()
-        with console.status("[bold]Preparing the default base model[/]") as status:
-            model_path = ensure_default_model(
-                settings.models_dir, lambda msg: status.update(f"[bold]Base model:[/] {msg}"))
-        console.print(f"Base model [cyan]{settings.model_name}[/] at {model_path} "
-                      f"({time.monotonic() - started:.1f}s)")
-    else:
-        model_path = settings.model_path
+    if units != 1:
+        return _up_units(settings, units)
+    model_path = _prepare_model(settings)
     services = Services.build(settings, model_path=model_path)
     app = create_app(services)
     base = f"http://{settings.host}:{settings.port}"
-    engine = settings.engine_url or "spawned vLLM on loopback (log: "
-    if settings.engine_url is None:
-        engine += f"{settings.home / 'logs' / 'engine.log'})"
-    console.print(f"""[bold green]loraplex[/] gateway on {base}, engine: {engine}
-Data folder: {settings.home}
-Admin token: [bold]{services.admin_token}[/]  (set LORAPLEX_ADMIN_TOKEN to choose it)
-GET {base}/healthz answers 200 once the engine is ready (about a minute on a CPU).
-""", soft_wrap=True)
-    # No markup, no wrapping: the example must survive copy-paste.
-    console.print(example_text(base, services.admin_token, settings.model_name), markup=False,
-                  highlight=False, soft_wrap=True)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                            timeout_graceful_shutdown=10, access_log=False)
+    engine = settings.engine_url or f"spawned vLLM on loopback (log: {settings.engine_log_path})"
+    _print_banner(settings, f"gateway on {base}, engine: {engine}", services.admin_token,
+                  "the engine is ready")
+    config = _uvicorn_config(app, settings)
     workers = [_spawn_worker(settings, model_path, i) for i in range(settings.workers)]
     stopping = threading.Event()
 
@@ -76,6 +91,45 @@ GET {base}/healthz answers 200 once the engine is ready (about a minute on a CPU
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+    return 0
+
+
+def _up_units(settings: Settings, count: int) -> int:
+    """`loraplex up --units N` (N > 1): N units behind Envoy, and the workers
+    (server/cluster/units.py)."""
+    from server.cluster.units import Cluster, ClusterError
+    from server.services import shared_secrets
+
+    try:
+        cluster = Cluster.plan(settings, count)
+    except ClusterError as exc:
+        console.print(f"[bold red]loraplex up --units {count}:[/] {exc}", highlight=False)
+        return 1
+    model_path = _prepare_model(settings)
+    _, admin_token = shared_secrets(settings)  # before the units start: they all read it
+    units = ", ".join(u.address for u in cluster.units)
+    _print_banner(settings, f"front (Envoy) on {cluster.front_url}, {count} units ({units})",
+                  admin_token, "at least one unit is ready")
+
+    def say(message: str) -> None:
+        console.print(f"{time.strftime('%H:%M:%S')} {message}", markup=False, highlight=False,
+                      soft_wrap=True)
+
+    return cluster.run(model_path, say)
+
+
+def _unit(settings: Settings) -> int:
+    """One serving unit: a gateway and its supervised engine, no workers, no banner (what
+    `loraplex up --units N` runs N of, and what a deployment runs per GPU)."""
+    from server.app import create_app
+    from server.services import Services, resolve_model_path
+
+    parent = os.environ.pop("LORAPLEX_PARENT_PID", "")
+    if parent and os.getppid() != int(parent):
+        return 1  # `up` died before it could ask to take this unit with it
+    settings.home.mkdir(parents=True, exist_ok=True)
+    services = Services.build(settings, model_path=resolve_model_path(settings))
+    uvicorn.Server(_uvicorn_config(create_app(services), settings)).run()
     return 0
 
 
@@ -184,7 +238,11 @@ def _db(settings: Settings, action: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="run the gateway, a supervised vLLM engine and training workers")
+    up = sub.add_parser("up", help="run the gateway, a supervised vLLM engine and training workers")
+    up.add_argument("--units", type=int, default=1, metavar="N",
+                    help="serving units (gateway + engine each, one GPU each when there are "
+                         "GPUs) behind Envoy on LORAPLEX_PORT; 1 (default): no Envoy")
+    sub.add_parser("unit", help="run one serving unit: a gateway and its vLLM engine, no workers")
     sub.add_parser("worker", help="run one training worker (claims fine-tuning jobs)")
     db = sub.add_parser("db", help="the registry database schema (Alembic migrations)")
     db.add_argument("action", choices=["upgrade", "current"],
@@ -195,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = Settings()
     if args.command == "up":
-        return _up(settings)
+        return _up(settings, args.units)
+    if args.command == "unit":
+        return _unit(settings)
     if args.command == "worker":
         return _worker(settings)
     if args.command == "db":

@@ -66,6 +66,16 @@ def read_or_create_secret(path: Path, make: str) -> str:
     return make
 
 
+def shared_secrets(settings: Settings) -> tuple[str, str]:
+    """(cache-salt secret, admin token), the same on every unit: from the settings (a fleet
+    sets both from a Kubernetes Secret), else created once in the shared data folder."""
+    salt = settings.cache_salt_secret or read_or_create_secret(
+        settings.home / "secret", secrets.token_hex(32))
+    admin_token = settings.admin_token or read_or_create_secret(
+        settings.home / "admin_token", "lpx-admin-" + secrets.token_urlsafe(24))
+    return salt, admin_token
+
+
 def build_store(settings: Settings, metrics: Metrics | None = None) -> tuple[AdapterStore, str]:
     """The adapter store the settings name, and its `source` label ("s3" or "local")."""
     if settings.store is None or not settings.uses_s3:
@@ -177,10 +187,7 @@ class Services:
             tiers["disk"] = lambda: vars(store.cache.stats)
         metrics.watch_adapter_tiers(source, tiers)
         metrics.slot_waiting.set_function(lambda: residency.waiting)
-        salt = settings.cache_salt_secret or read_or_create_secret(
-            settings.home / "secret", secrets.token_hex(32))
-        admin_token = settings.admin_token or read_or_create_secret(
-            settings.home / "admin_token", "lpx-admin-" + secrets.token_urlsafe(24))
+        salt, admin_token = shared_secrets(settings)
         admission = FairAdmission(settings.max_in_flight, settings.tenant_max_in_flight,
                                   settings.tenant_max_queue, settings.admission_wait_s)
         metrics.queued.set_function(lambda: admission.queued)
