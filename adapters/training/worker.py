@@ -1,10 +1,13 @@
 """The training worker: claims fine-tuning jobs, trains, evaluates, registers the adapter.
 
 Training runs in a thread so the event loop keeps renewing the job's lease. A job whose
-worker dies is claimed again once its lease runs out, and training resumes from the last
-checkpoint in the job's work folder. Cancelling, failing or losing the lease leaves no
-adapter version behind: the version is registered only at the end, and removed again if the
-job turned out to be cancelled meanwhile.
+worker dies is claimed again once its lease runs out, by any worker on any machine, and
+training resumes from its last checkpoint: each checkpoint the trainer writes in the job's
+work folder is uploaded to the store (`CheckpointMirror`), and a worker fetches the newest
+stored one before it trains, unless its own work folder (a cache) holds a newer one. When the
+job ends (succeeded, failed, cancelled) its checkpoints are deleted, here and in the store.
+Cancelling, failing or losing the lease leaves no adapter version behind: the version is
+registered only at the end, and removed again if the job turned out to be cancelled meanwhile.
 
 What to train comes from the job row as a `TrainingRecipe` (adapters/training/recipe.py). A
 failed job's error code is one of a documented few, never a Python class name:
@@ -16,6 +19,7 @@ the result), and `training_error` for anything else.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -34,7 +38,7 @@ from adapters.registry import Registry
 from adapters.registry.models import FineTuneJob
 from adapters.store import AdapterStore
 from adapters.training.dataset import mix_general, validate_jsonl
-from adapters.training.jobs import FINAL, JobStatus, JobStore
+from adapters.training.jobs import FINAL, JobStatus, JobStore, checkpoints_prefix
 from adapters.training.recipe import TrainingRecipe
 from adapters.validation import AdapterLimits
 
@@ -66,6 +70,84 @@ def _out_of_memory(exc: BaseException) -> bool:
     import torch  # the trainer has imported it already
 
     return isinstance(exc, torch.OutOfMemoryError)
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("step-"))
+
+
+class CheckpointMirror:
+    """A job's checkpoints in the store, under `checkpoints/<job-id>/step-N/`: `restore`
+    before training, `push` as the trainer writes them. The work folder is a cache."""
+
+    def __init__(self, store: AdapterStore, job_id: str, work_dir: Path) -> None:
+        self.store, self.job_id, self.work_dir = store, job_id, work_dir
+        self.prefix = checkpoints_prefix(job_id)
+        self.stored_step = 0  # the newest step known to be in the store
+        self._pushing = asyncio.Lock()
+        self._again = False  # a push came in while one was running
+
+    async def stored_steps(self) -> list[int]:
+        names = await self.store.list_folders(self.prefix)
+        return sorted(int(n[5:]) for n in names if n.startswith("step-") and n[5:].isdigit())
+
+    async def restore(self) -> Path | None:
+        """Bring the newest stored checkpoint into the work folder unless it holds a newer
+        one; the checkpoint to resume from. A store that fails is not fatal: training goes
+        on from what the work folder has (a fresh start at worst, slower but the same run)."""
+        from adapters.training.trainer import latest_checkpoint
+
+        local = await asyncio.to_thread(latest_checkpoint, self.work_dir)
+        local_step = _step(local) if local else 0
+        try:
+            stored = await self.stored_steps()
+        except LoraplexError as exc:
+            log.warning("job %s: cannot list its checkpoints in %s: %s", self.job_id,
+                        self.store.description, exc)
+            return local
+        self.stored_step = max(stored, default=0)
+        for step in reversed(stored):
+            if step <= local_step:
+                break
+            dest = self.work_dir / "checkpoints" / f"step-{step}"
+            try:
+                await self.store.get_folder(f"{self.prefix}/step-{step}", dest)
+            except LoraplexError as exc:  # corrupt, vanished, or the store failed: try older
+                log.warning("job %s: cannot fetch checkpoint step-%d from %s: %s", self.job_id,
+                            step, self.store.description, exc)
+                continue
+            log.info("job %s: checkpoint step-%d fetched from %s", self.job_id, step,
+                     self.store.description)
+            break
+        return await asyncio.to_thread(latest_checkpoint, self.work_dir)
+
+    async def push(self) -> None:
+        """Upload the newest checkpoint of the work folder if the store lacks it. While an
+        upload runs, a call only asks the running one to look again when it is done (so
+        uploads never queue up behind a slow store); failures are logged, never fatal."""
+        self._again = True
+        if self._pushing.locked():
+            return
+        async with self._pushing:
+            while self._again:
+                self._again = False
+                await self._push_latest()
+
+    async def _push_latest(self) -> None:
+        from adapters.training.trainer import KEEP_CHECKPOINTS, latest_checkpoint
+
+        latest = await asyncio.to_thread(latest_checkpoint, self.work_dir)
+        if latest is None or _step(latest) <= self.stored_step:
+            return
+        try:
+            await self.store.put_folder(f"{self.prefix}/{latest.name}", latest)
+            self.stored_step = _step(latest)
+            # The store keeps what the work folder keeps: the newest few.
+            for old in (await self.stored_steps())[:-KEEP_CHECKPOINTS]:
+                await self.store.delete_prefix(f"{self.prefix}/step-{old}")
+        except (LoraplexError, OSError) as exc:  # pruned by the trainer meanwhile, S3 down
+            log.warning("job %s: checkpoint %s not uploaded to %s: %s", self.job_id,
+                        latest.name, self.store.description, exc)
 
 
 class Worker:
@@ -111,6 +193,7 @@ class Worker:
             current = await self.jobs.get_job(None, job.id)
             if current.status in FINAL:
                 await asyncio.to_thread(shutil.rmtree, work_dir, True)
+                await self.jobs.delete_checkpoints(job.id)
 
     async def _keep_lease(self, job_id: str, stop_training: threading.Event) -> None:
         while True:
@@ -126,7 +209,7 @@ class Worker:
 
     async def _train_and_register(self, job: FineTuneJob, work_dir: Path,
                                   stop_training: threading.Event) -> None:
-        from adapters.training.trainer import evaluate, latest_checkpoint, split_holdout, train
+        from adapters.training.trainer import evaluate, split_holdout, train
 
         loop = asyncio.get_running_loop()
         train_data = await self.jobs.read_file(job.tenant_id, job.training_file)
@@ -142,20 +225,31 @@ class Worker:
         config = recipe.train_config(base_model_name=self.model_name,
                                      checkpoint_every_steps=CHECKPOINT_EVERY_STEPS)
 
-        checkpoint = latest_checkpoint(work_dir)
+        mirror = CheckpointMirror(self.jobs.store, job.id, work_dir)
+        checkpoint = await mirror.restore()
         if checkpoint is not None:
             await self.jobs.add_event(job.id, f"Resuming from step "
                                       f"{checkpoint.name.removeprefix('step-')} ({checkpoint.name})")
 
+        pending: list[concurrent.futures.Future[None]] = []
+
         def on_progress(p: Progress) -> None:  # called from the training thread
-            asyncio.run_coroutine_threadsafe(self._progress(job.id, p, config), loop)
+            pending[:] = [f for f in pending if not f.done()]
+            pending.append(asyncio.run_coroutine_threadsafe(
+                self._progress(job.id, p, config, mirror), loop))
 
         import torch
 
         torch.set_num_threads(self.threads)
-        result = await asyncio.to_thread(train, self.base_model, examples, config, work_dir,
-                                         on_progress=on_progress,
-                                         should_stop=stop_training.is_set)
+        try:
+            result = await asyncio.to_thread(train, self.base_model, examples, config, work_dir,
+                                             on_progress=on_progress,
+                                             should_stop=stop_training.is_set)
+        finally:
+            # Progress reports and uploads still under way end before the job moves on (and
+            # before its checkpoints are deleted, so none is uploaded after that).
+            await asyncio.gather(*(asyncio.wrap_future(f) for f in pending),
+                                 return_exceptions=True)
         await self.jobs.add_event(job.id, "Evaluating the adapter against the base model")
         base_eval = await asyncio.to_thread(evaluate, self.base_model, holdout, None,
                                             config.max_seq_len)
@@ -191,7 +285,11 @@ class Worker:
             for key in deleted.store_keys:
                 await self.store.delete(key)
 
-    async def _progress(self, job_id: str, p: Progress, config: TrainConfig) -> None:
+    async def _progress(self, job_id: str, p: Progress, config: TrainConfig,
+                        mirror: CheckpointMirror) -> None:
+        # The trainer writes a checkpoint right after reporting its step: the one of an earlier
+        # step is complete by now, and goes to the store.
+        await mirror.push()
         data = {k: v for k, v in asdict(p).items() if isinstance(v, (int, float))}
         if p.step % CHECKPOINT_EVERY_STEPS == 0 or p.step == p.total_steps:
             await self.jobs.add_event(
