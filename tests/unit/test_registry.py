@@ -1,4 +1,5 @@
-"""The registry on its own (SQLite in a temp folder)."""
+"""The registry on its own, on both engines: SQLite in a temp folder and a fresh database on
+the real PostgreSQL server of the session (tests/pg_server.py)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ from adapters.registry import Registry, VersionSpec, hash_key
 from adapters.spec import AdapterSpec
 
 
-@pytest.fixture
-async def registry(tmp_path):
-    reg = Registry(f"sqlite+aiosqlite:///{tmp_path / 'registry.db'}")
+@pytest.fixture(params=["sqlite", "postgres"])
+async def registry(request, tmp_path):
+    if request.param == "postgres":
+        url = request.getfixturevalue("pg_url")
+    else:
+        url = f"sqlite+aiosqlite:///{tmp_path / 'registry.db'}"
+    reg = Registry(url)
     await reg.create_schema()
     await reg.create_tenant("acme")
     yield reg
