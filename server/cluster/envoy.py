@@ -598,16 +598,20 @@ Regenerate with: python -m server.cluster.envoy
 
 
 def shipped_configs() -> dict[str, str]:
-    """File name in deploy/envoy/ -> its text: the configurations deployments use."""
+    """File name in deploy/envoy/ -> its text: the one-box and Kubernetes configurations
+    (deploy/envoy/render.py writes the compose one with the same function). The admin stays on
+    loopback everywhere: it has no authentication."""
     local = render_envoy_config(["127.0.0.1:8101", "127.0.0.1:8102"], listen_port=8000,
                                 listen_host="127.0.0.1")
     k8s = render_envoy_config(DnsUnits("loraplex-units", 8000), listen_port=8000)
     return {
         "envoy-local.yaml": to_yaml(local, _SHIPPED_HEADER.format(
-            what="One box: two units on 127.0.0.1:8101 and :8102, the front on 127.0.0.1:8000.")),
+            what="One box: two units on 127.0.0.1:8101 and :8102, the front on 127.0.0.1:8000, "
+                 "the admin on 127.0.0.1:9901.")),
         "envoy-k8s.yaml": to_yaml(k8s, _SHIPPED_HEADER.format(
             what="Kubernetes: every address of the headless Service loraplex-units is a unit "
-                 "(port 8000);\nthe front listens on 0.0.0.0:8000, the admin on 127.0.0.1:9901.")),
+                 "(port 8000);\nthe front on 0.0.0.0:8000, the admin on the pod's loopback "
+                 "(127.0.0.1:9901).")),
     }
 
 
@@ -629,17 +633,18 @@ def envoy_binary() -> Path:
 
 def envoy_command(config_path: Path, *, concurrency: int | None = None,
                   log_level: str = "warning", admin_address_path: Path | None = None,
-                  base_id: int | None = None) -> list[str]:
+                  base_id: int | None = None, extra_args: Sequence[str] = ()) -> list[str]:
     """The command line that runs Envoy with `config_path`. Without `base_id`, hot restart
     is off (no shared memory, so several Envoys on one machine never clash); `concurrency`
-    is Envoy's worker threads (default: one per core)."""
+    is Envoy's worker threads (default: one per core); `admin_address_path` is where Envoy
+    writes the admin's address (useful with admin port 0)."""
     argv = [str(envoy_binary()), "-c", str(config_path), "--log-level", log_level]
     argv += ["--disable-hot-restart"] if base_id is None else ["--base-id", str(base_id)]
     if concurrency is not None:
         argv += ["--concurrency", str(concurrency)]
     if admin_address_path is not None:
         argv += ["--admin-address-path", str(admin_address_path)]
-    return argv
+    return argv + list(extra_args)
 
 
 def validate_envoy_config(config_path: Path, timeout_s: float = 120.0) -> None:
