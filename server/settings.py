@@ -6,6 +6,7 @@ first request.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -128,7 +129,13 @@ class Settings(BaseSettings):
     @field_validator("s3_source_allowlist", "local_source_allowlist", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
+        """`a,b` (documented), or a JSON array (what the local allow-list once required)."""
         if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                try:
+                    return json.loads(value)
+                except ValueError as exc:
+                    raise ValueError(f"not a JSON array nor a comma-separated list: {value!r}") from exc
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 

@@ -6,7 +6,6 @@ built once into `.cache/` of the checkout and reused by later runs.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -111,7 +110,7 @@ def running_server(base_model: Path, home: Path, **env_overrides: str) -> Iterat
 @pytest.fixture(scope="session")
 def server(base_model: Path, adapter_dirs: list[Path],
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    allow = json.dumps([str(adapter_dirs[0].parent)])
+    allow = str(adapter_dirs[0].parent)  # comma-separated, as documented
     with running_server(base_model, tmp_path_factory.mktemp("home"),
                         LORAPLEX_LOCAL_SOURCE_ALLOWLIST=allow) as srv:
         yield srv

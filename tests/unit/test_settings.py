@@ -24,6 +24,12 @@ def test_a_single_local_folder_is_a_list_of_one(monkeypatch: pytest.MonkeyPatch)
     assert Settings().local_source_allowlist == [Path("/data")]
 
 
+def test_a_json_array_still_works(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What the local allow-list required before: existing deployments keep working.
+    monkeypatch.setenv("LORAPLEX_LOCAL_SOURCE_ALLOWLIST", '["/data", "/srv/a,b"]')
+    assert Settings().local_source_allowlist == [Path("/data"), Path("/srv/a,b")]
+
+
 def test_empty_allowlists_allow_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORAPLEX_LOCAL_SOURCE_ALLOWLIST", "")
     monkeypatch.setenv("LORAPLEX_S3_SOURCE_ALLOWLIST", "")
