@@ -235,12 +235,16 @@ def test_a_retryable_503_is_retried_on_another_unit_others_never(units, start_fr
     assert (len(b.inference), len(a.inference)) == (1, 1)
     assert front.stats()["upstream_rq_retry"] == 1
 
+    # A client cannot ask for more: Envoy ignores its x-envoy-* retry headers.
+    asks = {"X-Tenant-ID": TENANT, "x-envoy-retry-on": "5xx,reset,retriable-4xx",
+            "x-envoy-max-retries": "3"}
     for mode, status in [("plain_503", 503), ("429", 429), ("400", 400), ("404", 404),
                          ("502", 502)]:
         b.mode = mode
         a.seen.clear()
         b.seen.clear()
-        resp = chat(client, front, model)
+        resp = client.post(f"{front.url}/v1/chat/completions", headers=asks,
+                           json={"messages": [], "model": model})
         assert resp.status_code == status and unit_of(resp) == b.address, mode
         assert resp.json()["error"]["code"] in (f"status_{mode}", "s3_unavailable")
         assert (len(b.inference), len(a.inference)) == (1, 0), mode
