@@ -137,7 +137,7 @@ def test_a_child_that_exits_is_restarted_after_a_growing_pause(tmp_path: Path) -
 @pytest.fixture
 def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Cluster, list[str]]]:
     monkeypatch.setattr(units_module, "HEALTH_POLL_S", 0.2)
-    monkeypatch.setattr(units_module, "FIRST_BACKOFF_S", 0.5)
+    monkeypatch.setattr(units_module, "FIRST_BACKOFF_S", 3.0)  # > the 10 requests below
     settings = Settings(home=tmp_path / "home", port=free_port(), workers=1)
     planned = Cluster.plan(settings, 2)
     planned.unit_command = [sys.executable, "-c", FAKE_UNIT, "ready"]
@@ -173,14 +173,19 @@ def test_envoy_fronts_the_units_and_a_killed_unit_comes_back(cluster) -> None:  
     try:
         wait_for(lambda: (r := front_get(planned, "/healthz")) is not None
                  and r.status_code == 200, "the front to be healthy")
-        served = set()
-        for _ in range(30):
+        wait_for(lambda: all(f"{u.name} ready ({u.address})" in said for u in planned.units),
+                 "both units ready")
+        # Requests without a tenant go to a random healthy unit: both, once Envoy's health
+        # checks have passed for both.
+        served: set[str] = set()
+
+        def both_serve() -> bool:
             r = front_get(planned, "/v1/models")
             assert r is not None and r.status_code == 200
             served.add(r.headers["x-loraplex-unit"])
-        assert served <= {u.address for u in planned.units}
-        wait_for(lambda: all(f"{u.name} ready ({u.address})" in said for u in planned.units),
-                 "both units ready")
+            return served == {u.address for u in planned.units}
+
+        wait_for(both_serve, "both units to take traffic")
 
         victim = planned.units[0]
         os.kill(int((victim.folder / "pid").read_text()), signal.SIGKILL)
