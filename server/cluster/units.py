@@ -210,8 +210,9 @@ class Child:
                 self._backoff = FIRST_BACKOFF_S
             return False
         self.restarts += 1
+        last = last_line(self.log_path)
         say(f"{self.name} exited with {describe_exit(code)}; restarting in "
-            f"{self._backoff:.0f}s (log: {self.log_path})")
+            f"{self._backoff:.0f}s (log: {self.log_path}{': ' + last if last else ''})")
         self._restart_at = now + self._backoff
         self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
         return True
@@ -222,6 +223,17 @@ class Child:
             assert self.proc is not None
             with contextlib.suppress(ProcessLookupError):
                 self.proc.terminate()
+
+
+def last_line(path: Path, max_bytes: int = 4096) -> str:
+    """The last line a child wrote (often the reason it exited), shortened."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - max_bytes))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1].strip()[:300] if lines else ""
 
 
 def describe_exit(code: int) -> str:

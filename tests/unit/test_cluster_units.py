@@ -113,7 +113,8 @@ def test_a_unit_environment(tmp_path: Path) -> None:
 
 def test_a_child_that_exits_is_restarted_after_a_growing_pause(tmp_path: Path) -> None:
     said: list[str] = []
-    child = Child("unit 0", [sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ),
+    child = Child("unit 0", [sys.executable, "-c", "print('cannot reach the database'); "
+                             "raise SystemExit(3)"], dict(os.environ),
                   tmp_path / "unit.log")
     child.start()
     assert child.proc is not None
@@ -130,7 +131,8 @@ def test_a_child_that_exits_is_restarted_after_a_growing_pause(tmp_path: Path) -
         assert child.proc is not None
         child.proc.wait()
     assert [p.split("restarting in ")[1].split("s ")[0] for p in pauses] == ["2", "4", "8", "16"]
-    assert "exited with code 3" in pauses[0] and str(tmp_path / "unit.log") in pauses[0]
+    assert "exited with code 3" in pauses[0]
+    assert f"(log: {tmp_path / 'unit.log'}: cannot reach the database)" in pauses[0]
     assert child.restarts == 4
 
 
