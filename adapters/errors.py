@@ -70,7 +70,15 @@ class Overloaded(LoraplexError):
 
 
 class Unavailable(LoraplexError):
+    """A dependency is down. `retryable`: the request was refused before any work was done
+    (the engine was never reached, or not ready), so another unit may safely run it."""
+
     code = "unavailable"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after_s: float | None = None, retryable: bool = False) -> None:
+        super().__init__(message, param=param, code=code, retry_after_s=retry_after_s)
+        self.retryable = retryable
 
 
 class Corrupt(LoraplexError):

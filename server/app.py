@@ -45,5 +45,6 @@ def create_app(services: Services) -> FastAPI:
     app.add_middleware(BodyLimit, default_limit=services.settings.max_request_bytes,
                        upload_limit=services.settings.max_upload_bytes)
     # Added last, so it is outermost: it sees every answer, 413s included.
-    app.add_middleware(RequestObserver, metrics=services.metrics)
+    app.add_middleware(RequestObserver, metrics=services.metrics,
+                       unit=services.settings.unit_name)
     return app

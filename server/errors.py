@@ -74,9 +74,10 @@ def response_for(exc: LoraplexError) -> JSONResponse:
         if isinstance(exc, cls):
             response = error_response(status, exc.message, type_, exc.param, exc.code,
                                       exc.retry_after_s)
-            if status == 503 and exc.code == "engine_unavailable":
-                # Refused before any work (engine down, not ready, restarted): Envoy may retry
-                # it on another unit. Other 503s (a store outage) are the same on every unit.
+            if isinstance(exc, Unavailable) and exc.retryable:
+                # Refused before any work (engine unreachable, not ready, restarted): Envoy may
+                # retry it on another unit. Other 503s (a store outage, an engine that failed
+                # mid-answer) are not: the work may have been done, or fail the same everywhere.
                 response.headers[RETRYABLE_HEADER] = "1"
             return response
     log.error("unmapped error %r", exc)

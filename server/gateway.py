@@ -101,8 +101,9 @@ class Gateway:
             if exc.status != 404 or target.version is None:
                 raise
             self.readiness.mark_down("the engine no longer knows an adapter it had loaded")
+            # The engine refused the request (it no longer knows the adapter): no work done.
             raise Unavailable("the inference engine restarted; retry shortly",
-                              code="engine_unavailable", retry_after_s=2) from exc
+                              code="engine_unavailable", retry_after_s=2, retryable=True) from exc
 
     async def pin(self, version: AdapterVersion) -> None:
         """Load a version now and keep it resident (preloaded adapters)."""

@@ -47,21 +47,12 @@ class RequestRecord:
 
 class RequestObserver:
     """ASGI middleware: request id, unit name, access log line, request metrics.
+    `unit` is the X-Loraplex-Unit value (the setting `unit_name`)."""
 
-    `unit` is the X-Loraplex-Unit value; unset, it is the app's `services.settings.unit_name`,
-    read at the first request."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics, unit: str | None = None) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, unit: str) -> None:
         self.app = app
         self.metrics = metrics
-        self._unit = unit.encode("latin-1") if unit is not None else None
-
-    def _unit_name(self, scope: Scope) -> bytes:
-        if self._unit is None:
-            services = getattr(getattr(scope.get("app"), "state", None), "services", None)
-            name = getattr(getattr(services, "settings", None), "unit_name", None)
-            self._unit = name.encode("latin-1") if isinstance(name, str) else b""
-        return self._unit
+        self._unit = unit.encode("latin-1")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -74,8 +65,8 @@ class RequestObserver:
         endpoint = TENANT_ENDPOINTS.get(scope["path"])
         started = time.perf_counter()
         added = [(b"x-request-id", request_id.encode())]
-        if unit := self._unit_name(scope):
-            added.append((b"x-loraplex-unit", unit))
+        if self._unit:
+            added.append((b"x-loraplex-unit", self._unit))
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

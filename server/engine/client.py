@@ -34,8 +34,11 @@ class EngineError(LoraplexError):
 
 
 def _unavailable(exc: Exception) -> Unavailable:
+    # Only a request that never reached the engine may be run again elsewhere: a read
+    # timeout or a connection lost mid-answer means the engine may have done the work.
     return Unavailable(f"the inference engine is unavailable ({type(exc).__name__})",
-                       code="engine_unavailable", retry_after_s=5)
+                       code="engine_unavailable", retry_after_s=5,
+                       retryable=isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)))
 
 
 class EngineClient:

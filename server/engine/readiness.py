@@ -37,7 +37,7 @@ class EngineReadiness:
         """Raise 503 (with Retry-After) unless the engine can take a request now."""
         if not self._ready:
             raise Unavailable("the inference engine is not ready", code="engine_unavailable",
-                              retry_after_s=RETRY_AFTER_S)
+                              retry_after_s=RETRY_AFTER_S, retryable=True)
 
     def mark_up(self) -> None:
         self._set(True)

@@ -24,7 +24,8 @@ class Health(BaseModel):
 async def healthz(services: ServicesDep) -> Health:
     """200 once the engine can take requests; 503 (with Retry-After) while it cannot."""
     if not services.readiness.ready:
-        raise Unavailable("engine not ready", code="engine_unavailable", retry_after_s=5)
+        raise Unavailable("engine not ready", code="engine_unavailable", retry_after_s=5,
+                          retryable=True)  # another unit may be ready
     return Health(model=services.settings.model_name)
 
 

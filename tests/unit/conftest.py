@@ -270,17 +270,22 @@ class SwitchableTransport(httpx.AsyncBaseTransport):
     `break_streams` = (n, error) cuts every event stream after its first n events: the
     connection then fails with `error` (what the aiohttp transport raises when the engine is
     killed, resets the connection or stops answering), or just ends if `error` is None.
+    `fail_inference` makes every inference call fail with that error once sent (a read
+    timeout, a connection lost mid-answer), while health and adapter calls still work.
     """
 
     def __init__(self, app: Starlette) -> None:
         self.inner = httpx.ASGITransport(app=app)
         self.down = False
         self.break_streams: tuple[int, httpx.TransportError | None] | None = None
+        self.fail_inference: httpx.TransportError | None = None
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self.down:
             raise httpx.ConnectError("connection refused (fake engine is down)",
                                      request=request)
+        if self.fail_inference is not None and request.url.path.endswith("completions"):
+            raise self.fail_inference
         resp = await self.inner.handle_async_request(request)
         if self.break_streams is not None and \
                 resp.headers.get("content-type", "").startswith("text/event-stream"):

@@ -95,6 +95,17 @@ async def test_engine_down_refusals_are_retryable(gw):
     _no_retry(ok)
 
 
+async def test_an_engine_that_fails_mid_answer_is_not_retryable(gw):
+    """A read timeout or a connection lost after the request reached the engine: the engine
+    may have done the work, so Envoy must not run it again on another unit."""
+    key = await gw.new_tenant("acme")
+
+    gw.transport.fail_inference = httpx.ReadTimeout("the engine took too long")
+    resp = await gw.chat("acme", key, BASE)
+    gw.expect_error(resp, 503, code="engine_unavailable")
+    _no_retry(resp)
+
+
 async def test_a_stream_broken_mid_way_is_not_retryable(gw):
     key = await gw.new_tenant("acme")
     gw.transport.break_streams = (2, httpx.ReadError("connection reset by peer"))
@@ -108,11 +119,13 @@ async def test_a_stream_broken_mid_way_is_not_retryable(gw):
     assert resp.headers[UNIT] == "127.0.0.1:8000"
 
 
-def test_only_engine_unavailable_503s_are_retryable():
+def test_only_refusals_before_any_work_are_retryable():
     retryable = response_for(Unavailable("engine down", code="engine_unavailable",
-                                         retry_after_s=5))
+                                         retry_after_s=5, retryable=True))
     assert retryable.status_code == 503 and retryable.headers[RETRYABLE] == "1"
     for exc, status in [
+        # The engine was reached and failed mid-answer (read timeout): the work may be done.
+        (Unavailable("engine timed out", code="engine_unavailable", retry_after_s=5), 503),
         (Unavailable("the store is unreachable", code="store_unavailable", retry_after_s=5), 503),
         (Unavailable("no code"), 503),
         (Overloaded("every slot busy", code="adapter_slots_busy", retry_after_s=1), 429),
