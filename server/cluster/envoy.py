@@ -78,6 +78,9 @@ class DnsUnits:
 class EnvoyTuning:
     """The knobs of `render_envoy_config`; the defaults are what deployments ship."""
 
+    affinity: bool = True
+    """Route by (tenant, model) with bounded load (RING_HASH); False: plain ROUND_ROBIN, the
+    baseline `loadtest/bench_affinity.py` measures affinity against."""
     hash_balance_factor: int = 150
     """Bounded load: a unit takes at most this percent of the average active requests per unit
     before a request hashed to it goes to another unit (>= 100)."""
@@ -352,11 +355,12 @@ def _cluster(units: Sequence[str] | DnsUnits, t: EnvoyTuning) -> dict[str, Any]:
         "name": CLUSTER,
         "type": kind,
         "connect_timeout": _duration(t.connect_timeout_s),
-        "lb_policy": "RING_HASH",
+        "lb_policy": "RING_HASH" if t.affinity else "ROUND_ROBIN",
         "common_lb_config": {
             # Panic routing would send traffic to units known to be down: off.
             "healthy_panic_threshold": {"value": 0.0},
-            "consistent_hashing_lb_config": {"hash_balance_factor": t.hash_balance_factor},
+            **({"consistent_hashing_lb_config": {"hash_balance_factor": t.hash_balance_factor}}
+               if t.affinity else {}),
         },
         "load_assignment": {"cluster_name": CLUSTER, "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": _socket_address(host, port)}} for host, port in endpoints]}]},
@@ -416,7 +420,7 @@ def _route(t: EnvoyTuning) -> dict[str, Any]:
             "cluster": CLUSTER,
             "timeout": "0s",  # no overall limit: a stream lasts as long as generation does
             "hash_policy": [{"header": {"header_name": TENANT_HEADER}},
-                            {"header": {"header_name": MODEL_HEADER}}],
+                            {"header": {"header_name": MODEL_HEADER}}] if t.affinity else [],
             "retry_policy": {
                 # Only what a unit refused before doing any work; never `reset` (the request
                 # may have reached the engine) and never 5xx in general.

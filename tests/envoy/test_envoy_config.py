@@ -51,6 +51,20 @@ def test_envoy_accepts_the_shipped_and_rendered_configs(tmp_path: Path):
         validate_envoy_config(path)
 
 
+def test_round_robin_baseline_has_no_affinity(tmp_path: Path):
+    """The benchmark's baseline (bench_affinity.py): same config, plain round robin."""
+    config = render_envoy_config(["127.0.0.1:8101", "127.0.0.1:8102"], listen_port=0,
+                                 admin_port=0, tuning=EnvoyTuning(affinity=False))
+    cluster = config["static_resources"]["clusters"][0]
+    assert cluster["lb_policy"] == "ROUND_ROBIN"
+    assert "consistent_hashing_lb_config" not in cluster["common_lb_config"]
+    route = _manager(config)["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+    assert route["hash_policy"] == []
+    path = tmp_path / "round-robin.yaml"
+    path.write_text(to_yaml(config))
+    validate_envoy_config(path)
+
+
 def test_a_config_envoy_refuses_is_a_clear_error(tmp_path: Path):
     config = render_envoy_config(["127.0.0.1:8101"], listen_port=8000)
     config["static_resources"]["clusters"][0]["lb_policy"] = "NO_SUCH_POLICY"
