@@ -46,6 +46,7 @@ class Sample:
     ttft: float
     latency: float
     tokens: int
+    unit: str | None = None  # X-Loraplex-Unit: which serving unit answered (behind Envoy)
 
 
 @dataclass
@@ -78,6 +79,7 @@ async def one_stream(client: httpx.AsyncClient, url: str, headers: dict[str, str
     ttft, tokens = None, 0
     async with client.stream("POST", url, json=body, headers=headers) as r:
         r.raise_for_status()
+        unit = r.headers.get("x-loraplex-unit")
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -87,7 +89,7 @@ async def one_stream(client: httpx.AsyncClient, url: str, headers: dict[str, str
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
     latency = time.perf_counter() - start
-    return Sample(ttft if ttft is not None else latency, latency, tokens)
+    return Sample(ttft if ttft is not None else latency, latency, tokens, unit)
 
 
 async def run_level(url: str, headers: dict[str, str], models: list[str], concurrency: int,

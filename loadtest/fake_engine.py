@@ -24,7 +24,10 @@ from starlette.routing import Route
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-def build_app(gap_s: float) -> Starlette:
+def build_app(gap_s: float, load_s: float = 0.0) -> Starlette:
+    """`gap_s` between streamed tokens; `load_s` per runtime adapter load (vLLM reads the
+    files and copies the weights into its slots: ~25 ms for 2 MB on this CPU, more on a GPU
+    for big adapters)."""
     loras: dict[str, str] = {}
 
     async def health(_r: Request) -> Response:
@@ -37,6 +40,7 @@ def build_app(gap_s: float) -> Starlette:
 
     async def load(r: Request) -> Response:
         body = await r.json()
+        await asyncio.sleep(load_s)
         loras[body["lora_name"]] = body["lora_path"]
         return Response()
 
@@ -93,9 +97,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--gap-ms", type=float, default=20.0)
+    p.add_argument("--load-ms", type=float, default=0.0, help="time of one adapter load")
     args = p.parse_args()
-    uvicorn.run(build_app(args.gap_ms / 1000), host="127.0.0.1", port=args.port,
-                log_level="warning", access_log=False)
+    uvicorn.run(build_app(args.gap_ms / 1000, args.load_ms / 1000), host="127.0.0.1",
+                port=args.port, log_level="warning", access_log=False)
 
 
 if __name__ == "__main__":
