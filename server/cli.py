@@ -58,6 +58,8 @@ def _up(settings: Settings, units: int = 1) -> int:
     from server.services import Services
 
     settings.home.mkdir(parents=True, exist_ok=True)
+    if (failed := _db(settings, "upgrade")) != 0:  # a clear error, not a traceback at start
+        return failed
     if units != 1:
         return _up_units(settings, units)
     model_path = _prepare_model(settings)
@@ -128,6 +130,8 @@ def _unit(settings: Settings) -> int:
     if parent and os.getppid() != int(parent):
         return 1  # `up` died before it could ask to take this unit with it
     settings.home.mkdir(parents=True, exist_ok=True)
+    if (failed := _db(settings, "upgrade")) != 0:  # a clear error, not a traceback at start
+        return failed
     services = Services.build(settings, model_path=resolve_model_path(settings))
     uvicorn.Server(_uvicorn_config(create_app(services), settings)).run()
     return 0
@@ -183,9 +187,11 @@ def _worker(settings: Settings) -> int:
     from adapters.registry import Registry
     from server.services import build_worker, resolve_model_path
 
+    if (failed := _db(settings, "upgrade")) != 0:  # a clear error, not a traceback at start
+        return failed
+
     async def run() -> None:
         registry = Registry(settings.registry_url)
-        await registry.create_schema()
         worker = build_worker(settings, registry, resolve_model_path(settings))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
