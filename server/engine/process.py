@@ -46,9 +46,10 @@ _PR_SET_CHILD_SUBREAPER = 36
 # How long the guard lets vLLM shut down after SIGTERM before it SIGKILLs the group; the
 # gateway's own grace in `EngineProcess.stop` is longer.
 GUARD_GRACE_S = 8.0
-# Words in the command line of every process of a vLLM server: the API server's module and the
-# titles vLLM gives its EngineCore and worker processes ("VLLM::EngineCore").
-_VLLM_MARKERS = ("vllm", "VLLM::")
+# Words in the command line of every process of a vLLM server: the API server's module, the
+# titles vLLM gives its EngineCore and worker processes ("VLLM::EngineCore"), and Python's
+# multiprocessing resource tracker that vLLM starts.
+_VLLM_MARKERS = ("vllm", "VLLM::", "multiprocessing.resource_tracker")
 
 
 def free_port() -> int:

@@ -170,3 +170,61 @@ def scrape_metric(base_url: str, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
+
+
+# -- `loraplex up` under a test's own control (kill it, start it again on the same folder) ------
+
+
+def up_environment(base_model: Path, home: Path, port: int, **env_overrides: str) -> dict[str, str]:
+    """The variables `running_server` gives `loraplex up`."""
+    env = dict(os.environ)
+    env.update({
+        "LORAPLEX_HOME": str(home),
+        "LORAPLEX_PORT": str(port),
+        "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN,
+        "LORAPLEX_MODEL_PATH": str(base_model),
+        "LORAPLEX_MAX_LORAS": "2",
+        "LORAPLEX_MAX_RESIDENT_ADAPTERS": str(RESIDENT_SLOTS),
+        "LORAPLEX_MAX_LORA_RANK": "16",
+        "LORAPLEX_WORKER_LEASE_S": "6",
+        **env_overrides,
+    })
+    return env
+
+
+def start_up(base_model: Path, home: Path, *args: str, log_name: str = "gateway.log",
+             **env_overrides: str) -> Server:
+    """`loraplex up ARGS` on a free port, not waited for (see `wait_healthy`); the caller
+    stops it (`stop_up`) or kills it."""
+    port = free_port()
+    log = home / log_name
+    home.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "loraplex"), "up", *args],
+            env=up_environment(base_model, home, port, **env_overrides),
+            stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    return Server(f"http://127.0.0.1:{port}", home, proc, log)
+
+
+def wait_healthy(server: Server, timeout_s: float = 600) -> None:
+    _wait_healthy(server, timeout_s)
+
+
+def is_engine_process(p: psutil.Process) -> bool:
+    """A process of a vLLM server: its API server (or the guard running it), EngineCore and
+    workers (titled "VLLM::...")."""
+    try:
+        line = " ".join(p.cmdline())
+    except psutil.Error:
+        return False
+    return "vllm" in line or "VLLM::" in line
+
+
+def engine_processes_under(pid: int) -> list[psutil.Process]:
+    return [p for p in psutil.Process(pid).children(recursive=True) if is_engine_process(p)]
+
+
+def stop_up(server: Server) -> None:
+    """Ctrl-C, as a user stops it; every process it started must be gone (checked)."""
+    _stop_and_check_no_orphans(server.proc)
