@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -52,7 +53,18 @@ def test_a_killed_unit_leaves_no_engine_and_a_new_one_ends_a_stale_one(
         base_model: Path, tmp_path: Path) -> None:
     home = tmp_path / "home"
     timings: dict[str, float] = {}
+    frozen: list[psutil.Process] = []
+    try:
+        _scenarios(base_model, home, timings, frozen)
+    finally:
+        for p in frozen:  # should the test fail before the new `up` ends them
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+    print("timings:", {k: round(v, 1) for k, v in timings.items()})
 
+
+def _scenarios(base_model: Path, home: Path, timings: dict[str, float],
+               frozen: list[psutil.Process]) -> None:
     # 1. SIGKILL of `loraplex up`: its engine goes with it.
     server = start_up(base_model, home)
     try:
@@ -85,7 +97,7 @@ def test_a_killed_unit_leaves_no_engine_and_a_new_one_ends_a_stale_one(
         guard = psutil.Process(record["pgid"])
         api_server = [p for p in guard.children() if "vllm.entrypoints" in " ".join(p.cmdline())]
         assert len(api_server) == 1
-        frozen = [p for p in engine if p.pid not in (guard.pid, api_server[0].pid)]
+        frozen += [p for p in engine if p.pid not in (guard.pid, api_server[0].pid)]
         titles = {p.pid: " ".join(p.cmdline())[:80] for p in frozen}
         assert any("VLLM::EngineCore" in t for t in titles.values()), titles
         for p in engine:
@@ -118,4 +130,3 @@ def test_a_killed_unit_leaves_no_engine_and_a_new_one_ends_a_stale_one(
     finally:
         stop_up(server)
     assert not (home / "engine.pid").exists(), "a clean stop removes the pid file"
-    print("timings:", {k: round(v, 1) for k, v in timings.items()})
