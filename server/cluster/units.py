@@ -328,6 +328,7 @@ class Cluster:
             stop_all([envoy], ENVOY_STOP_S, say)
             stop_all(units, UNIT_STOP_S, say)
             stop_all(workers, WORKER_STOP_S, say)
+            say("stopped")
         return 0
 
     def _supervise(self, units: list[Child], envoy: Child, workers: list[Child], say: Say,
