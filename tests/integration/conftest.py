@@ -83,18 +83,7 @@ def _wait_healthy(server: Server, timeout_s: float) -> None:
 def running_server(base_model: Path, home: Path, **env_overrides: str) -> Iterator[Server]:
     """`loraplex up` as a user runs it, on a free port; Ctrl-C (and a check) when done."""
     port = free_port()
-    env = dict(os.environ)
-    env.update({
-        "LORAPLEX_HOME": str(home),
-        "LORAPLEX_PORT": str(port),
-        "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN,
-        "LORAPLEX_MODEL_PATH": str(base_model),
-        "LORAPLEX_MAX_LORAS": "2",
-        "LORAPLEX_MAX_RESIDENT_ADAPTERS": str(RESIDENT_SLOTS),
-        "LORAPLEX_MAX_LORA_RANK": "16",
-        "LORAPLEX_WORKER_LEASE_S": "6",
-        **env_overrides,
-    })
+    env = up_environment(base_model, home, port, **env_overrides)
     log = home / "gateway.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([str(Path(sys.executable).parent / "loraplex"), "up"], env=env,
