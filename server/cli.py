@@ -257,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # Alembic logs each migration step at INFO; `_db` prints the outcome in one line.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     settings = Settings()
     if args.command == "up":
         return _up(settings, args.units)
