@@ -13,6 +13,7 @@ Wrap it in a fixture where needed (a module-scoped one is cheap: tests keep apar
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -98,6 +99,20 @@ class MotoS3Server:
         if not config:
             self._client = client
         return client
+
+    def new_bucket(self) -> str:
+        """A bucket of its own for one test (tests sharing a server keep apart by bucket)."""
+        bucket = f"b-{secrets.token_hex(6)}"
+        self.client().create_bucket(Bucket=bucket)
+        return bucket
+
+    def store_client(self) -> Any:
+        """A client as `S3Store` builds one (standard credential chain: call `s3_env` first),
+        with short timeouts and few attempts, so a test that stops the server is quick."""
+        from adapters.s3.store import make_client
+
+        return make_client(endpoint_url=self.endpoint_url, region=REGION, connect_timeout_s=1,
+                           read_timeout_s=5, max_attempts=2)
 
     def _answers(self) -> bool:
         try:

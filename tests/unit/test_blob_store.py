@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,10 +29,8 @@ def store(request: pytest.FixtureRequest, tmp_path: Path,
         return LocalStore(tmp_path / "store")
     s3_env(monkeypatch)
     server: MotoS3Server = request.getfixturevalue("s3")
-    bucket = f"b-{secrets.token_hex(6)}"
-    server.client().create_bucket(Bucket=bucket)
-    client = make_client(endpoint_url=server.endpoint_url, region="us-east-1",
-                         connect_timeout_s=1, read_timeout_s=5, max_attempts=2)
+    bucket = server.new_bucket()
+    client = server.store_client()
     return S3Store(bucket, "adapters/", DiskCache(tmp_path / "cache", 10 << 20), client=client)
 
 

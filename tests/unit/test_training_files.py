@@ -5,7 +5,6 @@ store and for S3 (moto's server on loopback). Rows written before keep working."
 from __future__ import annotations
 
 import contextlib
-import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from adapters.disk_cache import DiskCache
 from adapters.errors import NotFound, Unavailable
 from adapters.registry import Registry
 from adapters.registry.models import TrainingFile
-from adapters.s3.store import S3Store, make_client
+from adapters.s3.store import S3Store
 from adapters.store import BLOB_ROOT, AdapterStore, LocalStore
 from adapters.training.jobs import JobStore, checkpoints_prefix, file_key
 from adapters.training.recipe import TrainingRecipe
@@ -47,10 +46,8 @@ async def unit(request: pytest.FixtureRequest, tmp_path: Path,
     if request.param == "s3":
         s3_env(monkeypatch)
         server: MotoS3Server = request.getfixturevalue("s3")
-        bucket = f"b-{secrets.token_hex(6)}"
-        server.client().create_bucket(Bucket=bucket)
-        client = make_client(endpoint_url=server.endpoint_url, region="us-east-1",
-                             connect_timeout_s=1, read_timeout_s=5, max_attempts=2)
+        bucket = server.new_bucket()
+        client = server.store_client()
 
     def build(home: Path) -> JobStore:
         store: AdapterStore

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -27,7 +26,7 @@ from adapters.base_model import BaseModelInfo
 from adapters.disk_cache import DiskCache
 from adapters.errors import AdapterInvalid, Unavailable
 from adapters.registry import Registry
-from adapters.s3.store import S3Store, make_client
+from adapters.s3.store import S3Store
 from adapters.store import AdapterStore, LocalStore
 from adapters.training.jobs import JobStatus, JobStore, checkpoints_prefix
 from adapters.training.recipe import (
@@ -222,10 +221,8 @@ async def cluster(request: pytest.FixtureRequest, tmp_path: Path, base_model_dir
     if request.param == "s3":
         s3_env(monkeypatch)
         server: MotoS3Server = request.getfixturevalue("s3")
-        bucket = f"b-{secrets.token_hex(6)}"
-        server.client().create_bucket(Bucket=bucket)
-        client = make_client(endpoint_url=server.endpoint_url, region="us-east-1",
-                             connect_timeout_s=1, read_timeout_s=5, max_attempts=2)
+        bucket = server.new_bucket()
+        client = server.store_client()
 
     machines = []
     for name, registry in zip("ab", registries, strict=True):
