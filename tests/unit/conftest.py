@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 import json
@@ -427,7 +428,17 @@ async def gw(request: pytest.FixtureRequest, tmp_path: Path, base_model_dir: Pat
                         max_lora_rank=16, local_source_allowlist=[allowed],
                         engine_health_poll_s=health.args[0] if health else 3600.0,
                         registry_poll_s=registry.args[0] if registry else 1.0)
-    transport = SwitchableTransport(fake_engine.app)
+    async with serve_gateway(settings, base_model_dir, fake_engine) as env:
+        yield env
+        env.transport.down = False
+
+
+@contextlib.asynccontextmanager
+async def serve_gateway(settings: Settings, base_model_dir: Path,
+                        engine: FakeEngine) -> AsyncIterator[Gw]:
+    """The real gateway (`Services.build` + `create_app`) on `settings`, wired in-process to
+    the stand-in `engine`, started and ready; background work settled before it stops."""
+    transport = SwitchableTransport(engine.app)
     services = Services.build(settings, model_path=base_model_dir, engine_transport=transport)
     app = create_app(services)
     await services.start()  # what the app's lifespan does (no asgi-lifespan installed)
@@ -436,10 +447,9 @@ async def gw(request: pytest.FixtureRequest, tmp_path: Path, base_model_dir: Pat
         async with httpx.AsyncClient(
                 transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
                 base_url="http://test") as client:
-            env = Gw(client=client, services=services, engine=fake_engine, transport=transport,
+            env = Gw(client=client, services=services, engine=engine, transport=transport,
                      settings=settings)
             yield env
-            transport.down = False
             await env.settle()
     finally:
         await services.stop()

@@ -16,7 +16,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy import event, select, text
 from sqlalchemy.engine import make_url
@@ -26,11 +25,9 @@ from adapters.registry.models import FineTuneJob, JobEvent
 from adapters.spec import AdapterSpec
 from adapters.store import LocalStore
 from adapters.training.jobs import JobStatus, JobStore
-from server.app import create_app
-from server.services import Services
 from server.settings import Settings
 from tests.pg_server import PostgresServer
-from tests.unit.conftest import ADMIN_TOKEN, FakeEngine, Gw, SwitchableTransport, wait_until
+from tests.unit.conftest import ADMIN_TOKEN, FakeEngine, Gw, serve_gateway, wait_until
 from tests.unit.test_fine_tuning_api import (
     JOBS,
     HeldTokenizer,
@@ -196,26 +193,12 @@ async def gateway(home: Path, database_url: str, base_model_dir: Path, store: Pa
                   registry_poll_s: float = 1.0) -> AsyncIterator[Gw]:
     """The real gateway (as the `gw` fixture builds it) on `database_url`, with its own
     stand-in engine; gateways given the same `store` and database are two units."""
-    engine = FakeEngine()
-    transport = SwitchableTransport(engine.app)
     settings = Settings(home=home, admin_token=ADMIN_TOKEN, engine_url="http://fake-engine",
                         database_url=database_url, store=str(store), max_resident_adapters=2,
                         max_loras=1, max_lora_rank=16, engine_health_poll_s=3600.0,
                         registry_poll_s=registry_poll_s)
-    services = Services.build(settings, model_path=base_model_dir, engine_transport=transport)
-    app = create_app(services)
-    await services.start()
-    try:
-        await wait_until(lambda: services.readiness.ready, "the engine to be ready")
-        async with httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
-                base_url="http://test") as client:
-            gw = Gw(client=client, services=services, engine=engine, transport=transport,
-                    settings=settings)
-            yield gw
-            await gw.settle()
-    finally:
-        await services.stop()
+    async with serve_gateway(settings, base_model_dir, FakeEngine()) as gw:
+        yield gw
 
 
 def assert_recent(unix_seconds: Any) -> None:
