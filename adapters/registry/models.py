@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Dialect, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Date,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -58,11 +69,23 @@ class RegistryState(Base):
     generation: Mapped[int] = mapped_column(default=0)
 
 
-class Tenant(Base):
+class LimitColumns:
+    """A customer's limits (server/quotas): None is unlimited. On a tenant, and on a key
+    inside its tenant's limits (both apply)."""
+
+    requests_per_minute: Mapped[int | None] = mapped_column(default=None)
+    tokens_per_minute: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    max_in_flight: Mapped[int | None] = mapped_column(default=None)
+    max_tokens: Mapped[int | None] = mapped_column(default=None)
+
+
+class Tenant(LimitColumns, Base):
     __tablename__ = "tenants"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Share of a saturated engine relative to other tenants (token-fair admission); None is 1.
+    weight: Mapped[float | None] = mapped_column(Float, default=None)
 
     keys: Mapped[list[ApiKey]] = relationship(
         back_populates="tenant", cascade="all, delete-orphan", passive_deletes=True)
@@ -70,7 +93,7 @@ class Tenant(Base):
         back_populates="tenant", cascade="all, delete-orphan", passive_deletes=True)
 
 
-class ApiKey(Base):
+class ApiKey(LimitColumns, Base):
     """A tenant API key. Only its SHA-256 is kept; the key itself is shown once at creation."""
 
     __tablename__ = "api_keys"
@@ -215,3 +238,22 @@ class JobCheckpoint(Base):
     step: Mapped[int] = mapped_column()
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class UsageDay(Base):
+    """Usage per tenant, adapter, key and UTC day, added to by every gateway's meter flush.
+
+    `adapter` is the adapter name ("" for the base model), `key_id` the API key's id. No
+    foreign keys: the bill of a deleted tenant, adapter or key stays.
+    """
+
+    __tablename__ = "usage_daily"
+
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    adapter: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    errors: Mapped[int] = mapped_column(BigInteger, default=0)
