@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -86,6 +86,24 @@ class Settings(BaseSettings):
     """Requests of one tenant that may wait for admission (429 beyond)."""
     admission_wait_s: float = Field(default=60.0, gt=0)
     """Longest wait for admission before 429."""
+    admission_policy: Literal["token_fair", "round_robin", "fifo"] = "token_fair"
+    """Who gets freed engine capacity first when requests wait. `token_fair`: the tenant
+    served the fewest weighted tokens (Virtual Token Counter); `round_robin`: tenants in turn,
+    a request each; `fifo`: arrival order, ignoring tenants (for comparison only)."""
+    fair_output_token_weight: float = Field(default=2.0, ge=0, le=100)
+    """Cost of a generated token relative to a prompt token in token-fair admission (VTC's
+    w_p/w_q; decoding a token costs the engine more than prefilling one)."""
+
+    redis_url: str | None = None
+    """Redis (or Valkey) holding the rate-limit counters every unit shares, e.g.
+    `redis://redis:6379/0`. Unset: counters in this process, right for a single gateway."""
+    ratelimit_failure_mode: Literal["open", "closed"] = "open"
+    """When Redis cannot be reached: `open` serves without limits (counted in
+    loraplex_ratelimit_backend_errors, logged once per outage), `closed` answers 503."""
+    redis_timeout_s: float = Field(default=0.25, gt=0, le=30)
+    """Timeout of one Redis call of the rate limiter (it is on every request's path)."""
+    usage_flush_s: float = Field(default=5.0, gt=0, le=3600)
+    """How often metered usage is added to the registry. A crash loses at most this much."""
 
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     """Largest body accepted on the tenant API (413 above it)."""
