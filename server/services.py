@@ -189,7 +189,8 @@ class Services:
         metrics.slot_waiting.set_function(lambda: residency.waiting)
         salt, admin_token = shared_secrets(settings)
         admission = FairAdmission(settings.max_in_flight, settings.tenant_max_in_flight,
-                                  settings.tenant_max_queue, settings.admission_wait_s)
+                                  settings.tenant_max_queue, settings.admission_wait_s,
+                                  settings.admission_policy, settings.fair_output_token_weight)
         metrics.queued.set_function(lambda: admission.queued)
         gateway = Gateway(registry, store, residency, engine, readiness, settings.model_name,
                           salt.encode(), admission, on_token_gap=metrics.itl.observe)
