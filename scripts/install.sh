@@ -44,5 +44,18 @@ if [[ "$extras" == *dev* ]] && ! command -v initdb >/dev/null \
   fi
 fi
 
+# The rate-limit tests start a real Redis server of their own (tests/redis_server.py): the
+# machine's, from Debian's `redis-server` package, installed here where it is missing.
+if [[ "$extras" == *dev* ]] && ! command -v redis-server >/dev/null; then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+    echo "Installing Redis (Debian package) for the rate-limit tests"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "warning: no redis-server on PATH; the Redis tests will fail:" \
+         "install Debian's redis-server package" >&2
+  fi
+fi
+
 .venv/bin/python -c "import vllm, transformers, peft, server.app" \
   && echo "loraplex installed in .venv (engine: $engine)"

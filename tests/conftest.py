@@ -23,3 +23,23 @@ def postgres() -> Iterator[PostgresServer]:
 @pytest.fixture
 def pg_url(postgres: PostgresServer) -> str:
     return postgres.new_database()
+
+
+# -- Redis -------------------------------------------------------------------------------------
+# - `redis_server`: one real redis-server for the whole session (see tests/redis_server.py),
+#   started the first time a test asks for it. Tests keep apart by key prefix; a test that
+#   stops a server (an outage) starts its own `RedisServer` rather than stopping this one.
+# - `redis_url`: its URL.
+
+from tests.redis_server import RedisServer  # noqa: E402  (appended with the Redis fixtures)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url()
