@@ -20,6 +20,8 @@ class LoraplexError(Exception):
     """Base of every error loraplex reports to a caller."""
 
     code: str = "error"
+    error_type: str | None = None  # overrides the `type` the status gives (OpenAI's 429s)
+    headers: dict[str, str] | None = None  # extra headers of the error answer
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
                  retry_after_s: float | None = None) -> None:

@@ -36,8 +36,12 @@ from server.protocol.admin import (
     AliasObject,
     CreatedKey,
     EngineStatus,
+    KeyLimitsObject,
+    KeyLimitsSet,
     KeyList,
     KeyObject,
+    TenantLimitsObject,
+    TenantLimitsSet,
     TenantList,
     TenantObject,
     VersionSource,
@@ -96,6 +100,23 @@ class AdminService:
 
     async def revoke_key(self, tenant_id: str, key_id: str) -> KeyObject:
         return KeyObject.from_row(await self.registry.revoke_key(tenant_id, key_id))
+
+    # -- limits --------------------------------------------------------------------------------
+
+    async def get_tenant_limits(self, tenant_id: str) -> TenantLimitsObject:
+        return TenantLimitsObject.from_row(await self.registry.get_tenant(tenant_id))
+
+    async def set_tenant_limits(self, tenant_id: str, body: TenantLimitsSet) -> TenantLimitsObject:
+        row = await self.registry.set_tenant_limits(tenant_id, body.limits(), body.weight)
+        return TenantLimitsObject.from_row(row)
+
+    async def get_key_limits(self, tenant_id: str, key_id: str) -> KeyLimitsObject:
+        return KeyLimitsObject.from_row(await self.registry.get_key(tenant_id, key_id))
+
+    async def set_key_limits(self, tenant_id: str, key_id: str,
+                             body: KeyLimitsSet) -> KeyLimitsObject:
+        row = await self.registry.set_key_limits(tenant_id, key_id, body.limits())
+        return KeyLimitsObject.from_row(row)
 
     # -- adapter versions ----------------------------------------------------------------------
 

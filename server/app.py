@@ -11,7 +11,18 @@ from fastapi.responses import Response
 from server.errors import install_error_handlers
 from server.limits import BodyLimit
 from server.request_log import RequestObserver
-from server.routes import adapters, engine, files, jobs, keys, openai, ops, tenants, usage
+from server.routes import (
+    adapters,
+    engine,
+    files,
+    jobs,
+    keys,
+    limits,
+    openai,
+    ops,
+    tenants,
+    usage,
+)
 from server.routes.json_body import install_openapi
 from server.routes.openai import ClientGone
 from server.services import Services
@@ -39,7 +50,7 @@ def create_app(services: Services) -> FastAPI:
         return Response(status_code=499)
 
     # The tenant API and fine-tuning (OpenAI's shapes), the admin API by resource, operations.
-    for module in (openai, files, jobs, tenants, keys, adapters, engine, usage, ops):
+    for module in (openai, files, jobs, tenants, keys, limits, adapters, engine, usage, ops):
         app.include_router(module.router)
 
     app.add_middleware(BodyLimit, default_limit=services.settings.max_request_bytes,

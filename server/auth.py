@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 
 from adapters.errors import Forbidden, Unauthenticated
-from adapters.registry import Registry, hash_key
+from adapters.registry import KeyOwner, Registry, hash_key
 from server.lookup_cache import LookupCache
 
 TENANT_HEADER = "x-tenant-id"
@@ -27,21 +27,22 @@ def bearer_token(authorization: str | None) -> str:
 class TenantAuth:
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
-        # Keyed by the key's hash, never by the key itself.
-        self._owners: LookupCache[str, str | None] = LookupCache(KEY_CACHE_TTL_S)
+        # Keyed by the key's hash, never by the key itself. Limits ride along: a limit change
+        # moves the registry generation, which clears this cache like a revocation does.
+        self._owners: LookupCache[str, KeyOwner | None] = LookupCache(KEY_CACHE_TTL_S)
 
     def forget(self) -> None:
         self._owners.clear()
 
-    async def tenant(self, tenant_header: str | None, authorization: str | None) -> str:
-        """The tenant a request acts for; 401 without a valid key, 403 for another tenant's."""
+    async def caller(self, tenant_header: str | None, authorization: str | None) -> KeyOwner:
+        """Who a request acts for; 401 without a valid key, 403 for another tenant's."""
         key = bearer_token(authorization)
         if not tenant_header:
             raise Unauthenticated("missing X-Tenant-ID header", code="missing_tenant")
-        owner = await self._owners.get(hash_key(key), lambda: self._registry.tenant_for_key(key))
+        owner = await self._owners.get(hash_key(key), lambda: self._registry.key_owner(key))
         if owner is None:
             raise Unauthenticated("invalid API key")
-        if owner != tenant_header:
+        if owner.tenant_id != tenant_header:
             raise Forbidden("this API key does not belong to the tenant in X-Tenant-ID",
                             code="tenant_mismatch")
         return owner

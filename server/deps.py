@@ -9,6 +9,7 @@ from fastapi import Depends, Header, Request
 from pydantic import BaseModel, ValidationError
 
 from adapters.errors import InvalidInput
+from adapters.registry import KeyOwner
 from server.admin import AdminService
 from server.auth import check_admin
 from server.fine_tuning import FineTuningService
@@ -27,15 +28,23 @@ async def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-async def current_tenant(
+async def current_caller(
     request: Request,
     services: ServicesDep,
     x_tenant_id: Annotated[str | None, Header()] = None,
     authorization: Annotated[str | None, Header()] = None,
-) -> str:
-    tenant = await services.auth.tenant(x_tenant_id, authorization)
-    request.state.record.tenant = tenant
-    return tenant
+) -> KeyOwner:
+    caller = await services.auth.caller(x_tenant_id, authorization)
+    record = request.state.record
+    record.tenant, record.key_id = caller.tenant_id, caller.key_id
+    return caller
+
+
+CallerDep = Annotated[KeyOwner, Depends(current_caller)]
+
+
+async def current_tenant(caller: CallerDep) -> str:
+    return caller.tenant_id
 
 
 async def require_admin(services: ServicesDep,

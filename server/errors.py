@@ -72,8 +72,9 @@ def response_for(exc: LoraplexError) -> JSONResponse:
                               code=None if status < 500 else "engine_error")
     for cls, status, type_ in _STATUS:
         if isinstance(exc, cls):
-            response = error_response(status, exc.message, type_, exc.param, exc.code,
-                                      exc.retry_after_s)
+            response = error_response(status, exc.message, exc.error_type or type_, exc.param,
+                                      exc.code, exc.retry_after_s)
+            response.headers.update(exc.headers or {})
             if isinstance(exc, Unavailable) and exc.retryable:
                 # Refused before any work (engine unreachable, not ready, restarted): Envoy may
                 # retry it on another unit. Other 503s (a store outage, an engine that failed

@@ -64,6 +64,12 @@ class Metrics:
         self.training_progress = Gauge("loraplex_training_progress",
                                        "Share of steps done, per running fine-tuning job "
                                        "(only running jobs are reported)", ["job"], registry=r)
+        self.ratelimit_rejections = Counter(
+            "loraplex_ratelimit_rejections", "Requests refused (429) by a tenant's or key's "
+            "limit", ["tenant", "limit"], registry=r)
+        self.ratelimit_backend_errors = Counter(
+            "loraplex_ratelimit_backend_errors",
+            "Calls to the shared rate-limit counters (Redis) that failed", registry=r)
         self.engine_restarts = Counter("loraplex_engine_restarts",
                                        "Times the supervised engine was restarted", registry=r)
 

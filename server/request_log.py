@@ -34,6 +34,7 @@ class RequestRecord:
     path: str
     status: int = 0
     tenant: str | None = None
+    key_id: str | None = None
     model: str | None = None
     adapter: str | None = None  # adapter name, or None for the base model
     stream: bool = False
@@ -43,6 +44,8 @@ class RequestRecord:
     latency_s: float = 0.0
     # Code of an error reported in-band after the status was sent (a stream the engine broke).
     error: str | None = None
+    # Headers to add to the answer, whatever it is (the x-ratelimit-* of the tenant's limits).
+    headers: list[tuple[bytes, bytes]] | None = None
 
 
 class RequestObserver:
@@ -71,7 +74,8 @@ class RequestObserver:
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 record.status = message["status"]
-                message["headers"] = [*message.get("headers", []), *added]
+                message["headers"] = [*message.get("headers", []), *added,
+                                      *(record.headers or ())]
             await send(message)
 
         if endpoint:
@@ -84,7 +88,8 @@ class RequestObserver:
                 self.metrics.in_flight.dec()
                 self._observe(endpoint, record)
             # vars(), not dataclasses.asdict: no deep copy, on every request.
-            log.info(json.dumps({k: v for k, v in vars(record).items() if v is not None}))
+            log.info(json.dumps({k: v for k, v in vars(record).items()
+                                 if v is not None and k != "headers"}))
 
     def _observe(self, endpoint: str, r: RequestRecord) -> None:
         m = self.metrics

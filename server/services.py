@@ -37,6 +37,9 @@ from server.engine.readiness import EngineReadiness
 from server.fine_tuning import FineTuningService
 from server.gateway import Gateway
 from server.metrics import Metrics
+from server.quotas.counters import Counters, LocalCounters
+from server.quotas.limiter import RateLimiter
+from server.quotas.tokens import PromptTokens
 from server.settings import Settings
 from server.watchers import (
     RegistryWatcher,
@@ -129,6 +132,15 @@ class Background:
         return list(self._tasks)
 
 
+def build_counters(settings: Settings) -> Counters:
+    """The rate-limit counters: shared by every unit in Redis, or this process's own."""
+    if settings.redis_url is None:
+        return LocalCounters()
+    from server.quotas.redis_counters import RedisCounters
+
+    return RedisCounters(settings.redis_url, timeout_s=settings.redis_timeout_s)
+
+
 def build_worker(settings: Settings, registry: Registry, model_path: Path) -> Worker:
     """A training worker (`loraplex worker`): the registry, the store and the base model, no
     engine and no gateway."""
@@ -192,11 +204,18 @@ class Services:
                                   settings.tenant_max_queue, settings.admission_wait_s,
                                   settings.admission_policy, settings.fair_output_token_weight)
         metrics.queued.set_function(lambda: admission.queued)
+        background = Background()
+        counters = build_counters(settings)
+        limiter = RateLimiter(
+            counters, PromptTokens(model_path), settings.max_model_len, background.spawn,
+            fail_open=settings.ratelimit_failure_mode == "open",
+            on_backend_error=metrics.ratelimit_backend_errors.inc,
+            on_rejected=lambda tenant, kind: metrics.ratelimit_rejections.labels(
+                tenant, kind).inc())
         gateway = Gateway(registry, store, residency, engine, readiness, settings.model_name,
-                          salt.encode(), admission, on_token_gap=metrics.itl.observe)
+                          salt.encode(), admission, limiter, on_token_gap=metrics.itl.observe)
         base_info = BaseModelInfo.from_folder(model_path)
         jobs = JobStore(registry, store)
-        background = Background()
         auth = TenantAuth(registry)
 
         def forget_lookups() -> None:
@@ -245,6 +264,7 @@ class Services:
         if self.engine_process is not None:
             await self.engine_process.stop()
         await self.engine.aclose()
+        await self.gateway.limiter.counters.close()
         await self.registry.close()
 
     def forget_lookups(self) -> None:

@@ -35,7 +35,7 @@ from adapters.registry.models import (
 from adapters.spec import AdapterSpec
 
 __all__ = ["Registry", "VersionSpec", "Adapter", "AdapterVersion", "Alias", "ApiKey", "Tenant",
-           "SchemaError", "SchemaState"]
+           "SchemaError", "SchemaState", "Limits", "KeyOwner"]
 
 KEY_PREFIX = "lpx-"
 
@@ -53,6 +53,36 @@ class VersionSpec:
     source: str
     spec: AdapterSpec
     meta: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A tenant's (or a key's) limits; None is unlimited. See server/quotas."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    max_in_flight: int | None = None
+    max_tokens: int | None = None
+
+    @classmethod
+    def of(cls, row: Tenant | ApiKey) -> Limits:
+        return cls(row.requests_per_minute, row.tokens_per_minute, row.max_in_flight,
+                   row.max_tokens)
+
+    @property
+    def any(self) -> bool:
+        return any(v is not None for v in asdict(self).values())
+
+
+@dataclass(frozen=True)
+class KeyOwner:
+    """Who a valid API key acts for, with everything admission needs to know about them."""
+
+    tenant_id: str
+    key_id: str
+    tenant_limits: Limits
+    key_limits: Limits
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -138,6 +168,15 @@ class Registry:
         async with self._tx() as s:
             return await _tenant(s, tenant_id)
 
+    async def set_tenant_limits(self, tenant_id: str, limits: Limits,
+                                weight: float | None) -> Tenant:
+        async with self._tx() as s:
+            tenant = await _tenant(s, tenant_id)
+            await _changed(s)  # every gateway drops its cached key owners (and their limits)
+            _write_limits(tenant, limits)
+            tenant.weight = weight
+            return tenant
+
     async def delete_tenant(self, tenant_id: str) -> DeletedVersions:
         async with self._tx() as s:
             tenant = await _tenant(s, tenant_id)
@@ -168,21 +207,39 @@ class Registry:
 
     async def revoke_key(self, tenant_id: str, key_id: str) -> ApiKey:
         async with self._tx() as s:
-            row = await s.get(ApiKey, key_id)
-            if row is None or row.tenant_id != tenant_id:
-                raise NotFound(f"key {key_id!r} not found for tenant {tenant_id!r}")
+            row = await _key(s, tenant_id, key_id)
             await _changed(s)
             if row.revoked_at is None:
                 row.revoked_at = utcnow()
             return row
 
+    async def get_key(self, tenant_id: str, key_id: str) -> ApiKey:
+        async with self._tx() as s:
+            return await _key(s, tenant_id, key_id)
+
+    async def set_key_limits(self, tenant_id: str, key_id: str, limits: Limits) -> ApiKey:
+        async with self._tx() as s:
+            row = await _key(s, tenant_id, key_id)
+            await _changed(s)
+            _write_limits(row, limits)
+            return row
+
     async def tenant_for_key(self, key: str) -> str | None:
         """The tenant that owns this (unrevoked) key, or None."""
+        owner = await self.key_owner(key)
+        return owner.tenant_id if owner else None
+
+    async def key_owner(self, key: str) -> KeyOwner | None:
+        """Who this (unrevoked) key acts for, with the tenant's and the key's limits."""
         async with self._tx() as s:
-            row = await s.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
-            if row is None or row.revoked_at is not None:
+            row = (await s.execute(
+                select(ApiKey, Tenant).join(Tenant, Tenant.id == ApiKey.tenant_id)
+                .where(ApiKey.key_hash == hash_key(key)))).first()
+            if row is None or row[0].revoked_at is not None:
                 return None
-            return row.tenant_id
+            key_row, tenant = row
+            return KeyOwner(tenant.id, key_row.id, Limits.of(tenant), Limits.of(key_row),
+                            tenant.weight or 1.0)
 
     # -- adapters and versions ---------------------------------------------------------------
 
@@ -358,6 +415,20 @@ async def _tenant(s: AsyncSession, tenant_id: str) -> Tenant:
     if tenant is None:
         raise NotFound(f"tenant {tenant_id!r} not found", code="tenant_not_found")
     return tenant
+
+
+async def _key(s: AsyncSession, tenant_id: str, key_id: str) -> ApiKey:
+    row = await s.get(ApiKey, key_id)
+    if row is None or row.tenant_id != tenant_id:
+        await _tenant(s, tenant_id)  # an unknown tenant is named as such
+        raise NotFound(f"key {key_id!r} not found for tenant {tenant_id!r}",
+                       code="key_not_found")
+    return row
+
+
+def _write_limits(row: Tenant | ApiKey, limits: Limits) -> None:
+    for name, value in asdict(limits).items():
+        setattr(row, name, value)
 
 
 async def _adapter_or_none(s: AsyncSession, tenant_id: str, name: str) -> Adapter | None:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from adapters.registry import Adapter, AdapterVersion, ApiKey, Tenant, timestamp
+from adapters.registry import Adapter, AdapterVersion, ApiKey, Limits, Tenant, timestamp
 
 
 class _Body(BaseModel):
@@ -38,6 +38,35 @@ class AliasSet(_Body):
     version: int = Field(ge=1)
 
 
+def _limit(most: int, what: str) -> Any:
+    # strict: 1.5, "10" and true are refused, not coerced
+    return Field(default=None, ge=1, le=most, strict=True,
+                 description=f"{what}; null (or absent) is unlimited.")
+
+
+class KeyLimitsSet(_Body):
+    """A key's limits, applied inside its tenant's (both must have room). PUT replaces them
+    all: an absent field is null, unlimited."""
+
+    requests_per_minute: int | None = _limit(10**8, "Requests per minute")
+    tokens_per_minute: int | None = _limit(10**11, "Prompt + completion tokens per minute")
+    max_in_flight: int | None = _limit(10**6, "Requests answered at once")
+    max_tokens: int | None = _limit(10**7, "Cap on one request's max_tokens (the default "
+                                    "when a request sets none)")
+
+    def limits(self) -> Limits:
+        return Limits(self.requests_per_minute, self.tokens_per_minute, self.max_in_flight,
+                      self.max_tokens)
+
+
+class TenantLimitsSet(KeyLimitsSet):
+    weight: float | None = Field(
+        default=None, gt=0, le=1000,
+        description="Share of a saturated engine relative to other tenants (token-fair "
+                    "admission: a tenant of weight 2 is served twice the tokens of one of "
+                    "weight 1 while both wait); null is 1.")
+
+
 # -- answers -----------------------------------------------------------------------------------
 
 class TenantObject(BaseModel):
@@ -48,6 +77,34 @@ class TenantObject(BaseModel):
     @classmethod
     def from_row(cls, t: Tenant) -> TenantObject:
         return cls(id=t.id, created_at=timestamp(t.created_at))
+
+
+class TenantLimitsObject(BaseModel):
+    object: Literal["tenant.limits"] = "tenant.limits"
+    tenant: str
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+    max_in_flight: int | None
+    max_tokens: int | None
+    weight: float | None
+
+    @classmethod
+    def from_row(cls, t: Tenant) -> TenantLimitsObject:
+        return cls(tenant=t.id, weight=t.weight, **asdict(Limits.of(t)))
+
+
+class KeyLimitsObject(BaseModel):
+    object: Literal["api_key.limits"] = "api_key.limits"
+    tenant: str
+    key_id: str
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+    max_in_flight: int | None
+    max_tokens: int | None
+
+    @classmethod
+    def from_row(cls, k: ApiKey) -> KeyLimitsObject:
+        return cls(tenant=k.tenant_id, key_id=k.id, **asdict(Limits.of(k)))
 
 
 class TenantList(BaseModel):

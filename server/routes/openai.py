@@ -10,7 +10,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from adapters.errors import NotFound
-from server.deps import GatewayDep, TenantDep
+from adapters.registry import KeyOwner
+from server.deps import CallerDep, GatewayDep
 from server.gateway import Gateway
 from server.protocol.common import ERROR_RESPONSES
 from server.protocol.openai import (
@@ -39,40 +40,43 @@ _GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {200: {
 
 
 @router.post("/chat/completions", response_class=Response, responses=_GENERATION_RESPONSES)
-async def chat_completions(request: Request, tenant: TenantDep, gateway: GatewayDep,
+async def chat_completions(request: Request, caller: CallerDep, gateway: GatewayDep,
                            req: Annotated[ChatCompletionRequest, JSONBody(ChatCompletionRequest)],
                            ) -> Response:
-    return await _generate(request, gateway, tenant, "/v1/chat/completions", req)
+    return await _generate(request, gateway, caller, "/v1/chat/completions", req)
 
 
 @router.post("/completions", response_class=Response, responses=_GENERATION_RESPONSES)
-async def completions(request: Request, tenant: TenantDep, gateway: GatewayDep,
+async def completions(request: Request, caller: CallerDep, gateway: GatewayDep,
                       req: Annotated[CompletionRequest, JSONBody(CompletionRequest)]) -> Response:
-    return await _generate(request, gateway, tenant, "/v1/completions", req)
+    return await _generate(request, gateway, caller, "/v1/completions", req)
 
 
 @router.get("/models")
-async def list_models(tenant: TenantDep, gateway: GatewayDep) -> ModelList:
-    return ModelList(data=await gateway.models(tenant))
+async def list_models(request: Request, caller: CallerDep, gateway: GatewayDep) -> ModelList:
+    await gateway.limiter.report(caller, request.state.record)
+    return ModelList(data=await gateway.models(caller.tenant_id))
 
 
 @router.get("/models/{model:path}")
-async def retrieve_model(model: str, tenant: TenantDep, gateway: GatewayDep) -> ModelObject:
-    for entry in await gateway.models(tenant):
+async def retrieve_model(request: Request, model: str, caller: CallerDep,
+                         gateway: GatewayDep) -> ModelObject:
+    await gateway.limiter.report(caller, request.state.record)
+    for entry in await gateway.models(caller.tenant_id):
         if entry.id == model:
             return entry
     raise NotFound(f"model {model!r} does not exist", param="model", code="model_not_found")
 
 
-async def _generate(request: Request, gateway: Gateway, tenant: str, path: str,
+async def _generate(request: Request, gateway: Gateway, caller: KeyOwner, path: str,
                     req: GenerationRequest) -> Response:
     record = request.state.record
     if req.stream:
-        events = gateway.stream(tenant, path, req, record)
+        events = gateway.stream(caller, path, req, record)
         await anext(events)  # errors before the first event become HTTP errors here
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-    answer = await _cancel_on_disconnect(request, gateway.complete(tenant, path, req, record))
+    answer = await _cancel_on_disconnect(request, gateway.complete(caller, path, req, record))
     return JSONResponse(answer)
 
 

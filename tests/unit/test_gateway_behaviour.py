@@ -450,7 +450,7 @@ async def test_repeated_and_concurrent_requests_share_lookups(gw, make_adapter, 
     await gw.register("acme", "support", make_adapter())
     calls = {"resolve": 0, "key": 0}
     registry = gw.services.registry
-    resolve, tenant_for_key = registry.resolve, registry.tenant_for_key
+    resolve, key_owner = registry.resolve, registry.key_owner
 
     async def counted_resolve(*args):
         calls["resolve"] += 1
@@ -458,10 +458,10 @@ async def test_repeated_and_concurrent_requests_share_lookups(gw, make_adapter, 
 
     async def counted_key(*args):
         calls["key"] += 1
-        return await tenant_for_key(*args)
+        return await key_owner(*args)
 
     monkeypatch.setattr(registry, "resolve", counted_resolve)
-    monkeypatch.setattr(registry, "tenant_for_key", counted_key)
+    monkeypatch.setattr(registry, "key_owner", counted_key)
     gw.services.forget_lookups()
     answers = await asyncio.gather(*(gw.chat("acme", key, "support") for _ in range(12)))
     answers.append(await gw.chat("acme", key, "support"))
