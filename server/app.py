@@ -57,5 +57,5 @@ def create_app(services: Services) -> FastAPI:
                        upload_limit=services.settings.max_upload_bytes)
     # Added last, so it is outermost: it sees every answer, 413s included.
     app.add_middleware(RequestObserver, metrics=services.metrics,
-                       unit=services.settings.unit_name)
+                       unit=services.settings.unit_name, meter=services.usage)
     return app

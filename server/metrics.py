@@ -78,6 +78,11 @@ class Metrics:
         """Report each tier's own counters (`stats` of Residency, DiskCache) at scrape time."""
         self.registry.register(_AdapterTierCollector(source, tiers))
 
+    def watch_usage_meter(self, read: Callable[[], dict[str, int]]) -> None:
+        """Report the usage meter's state at scrape time: `pending` entries not yet flushed,
+        `failed_flushes` and `dropped_requests` (usage lost past its entry cap)."""
+        self.registry.register(_UsageMeterCollector(read))
+
     def pair(self, tenant: str, adapter: str) -> tuple[str, str]:
         """Labels for a (tenant, adapter) pair, collapsing pairs past the cap to 'other'."""
         key = (tenant, adapter)
@@ -116,3 +121,21 @@ class _AdapterTierCollector(Collector):
             resident.add_metric([tier], stats.get("resident", stats.get("entries", 0)))
         yield events
         yield resident
+
+
+class _UsageMeterCollector(Collector):
+    def __init__(self, read: Callable[[], dict[str, int]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        state = self._read()
+        yield GaugeMetricFamily("loraplex_usage_pending_entries",
+                                "Usage entries counted in memory, not yet in the registry",
+                                value=state["pending"])
+        yield CounterMetricFamily("loraplex_usage_failed_flushes",
+                                  "Usage flushes to the registry that failed (kept, retried)",
+                                  value=state["failed_flushes"])
+        yield CounterMetricFamily("loraplex_usage_dropped_requests",
+                                  "Requests whose usage was dropped (the meter's entry cap "
+                                  "was reached while the registry could not be written)",
+                                  value=state["dropped_requests"])

@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.metrics import BASE_LABEL, Metrics
+from server.quotas.usage import UsageMeter
 
 log = logging.getLogger("loraplex.access")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Tenant API endpoints measured in request metrics (fixed set: bounded `endpoint` label).
 TENANT_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
                     "/v1/models": "models"}
+METERED = {"chat", "completions"}  # endpoints whose requests are billed (usage metering)
 
 
 @dataclass
@@ -49,12 +51,14 @@ class RequestRecord:
 
 
 class RequestObserver:
-    """ASGI middleware: request id, unit name, access log line, request metrics.
-    `unit` is the X-Loraplex-Unit value (the setting `unit_name`)."""
+    """ASGI middleware: request id, unit name, access log line, request metrics and usage
+    metering. `unit` is the X-Loraplex-Unit value (the setting `unit_name`)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, unit: str) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, unit: str,
+                 meter: UsageMeter | None = None) -> None:
         self.app = app
         self.metrics = metrics
+        self.meter = meter
         self._unit = unit.encode("latin-1")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -103,3 +107,9 @@ class RequestObserver:
             m.prompt_tokens.labels(tenant, adapter).inc(r.prompt_tokens)
         if r.completion_tokens:
             m.completion_tokens.labels(tenant, adapter).inc(r.completion_tokens)
+        if self.meter is not None and r.model is not None and endpoint in METERED:
+            # Every request for a model the tenant has (`model` is set once resolved),
+            # refused ones (429s, engine errors) as errors.
+            self.meter.record(r.tenant or "", r.adapter, r.key_id, r.prompt_tokens or 0,
+                              r.completion_tokens or 0,
+                              error=r.status >= 400 or r.status == 0 or r.error is not None)

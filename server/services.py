@@ -20,6 +20,7 @@ import httpx
 from adapters.base_model import BaseModelInfo, ensure_default_model
 from adapters.disk_cache import DiskCache
 from adapters.registry import Registry
+from adapters.registry.usage import UsageStore
 from adapters.residency import Residency
 from adapters.s3.store import S3Store
 from adapters.s3.uris import parse_s3_uri
@@ -40,6 +41,7 @@ from server.metrics import Metrics
 from server.quotas.counters import Counters, LocalCounters
 from server.quotas.limiter import RateLimiter
 from server.quotas.tokens import PromptTokens
+from server.quotas.usage import UsageMeter
 from server.settings import Settings
 from server.watchers import (
     RegistryWatcher,
@@ -167,6 +169,8 @@ class Services:
     admin_token: str
     model_path: Path
     registry_watcher: RegistryWatcher
+    usage_store: UsageStore
+    usage: UsageMeter
     engine_process: EngineProcess | None = None
     background: Background = field(default_factory=Background)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -235,12 +239,18 @@ class Services:
             spawn=background.spawn)
         fine_tuning = FineTuningService(jobs, settings, base_info, tokenizer_loader(model_path),
                                         background.spawn)
+        usage_store = UsageStore(registry)
+        meter = UsageMeter(usage_store)
+        metrics.watch_usage_meter(lambda: {"pending": meter.pending,
+                                           "failed_flushes": meter.failed_flushes,
+                                           "dropped_requests": meter.dropped_requests})
         services = cls(settings=settings, registry=registry, store=store, engine=engine,
                        readiness=readiness, residency=residency, gateway=gateway,
                        auth=auth, admin=admin, fine_tuning=fine_tuning,
                        jobs=jobs, metrics=metrics, admin_token=admin_token,
                        model_path=model_path, engine_process=process, background=background,
-                       registry_watcher=registry_watcher)
+                       registry_watcher=registry_watcher, usage_store=usage_store,
+                       usage=meter)
         registry.on_change(services.registry_watcher.changed_here)
         return services
 
@@ -253,6 +263,7 @@ class Services:
                                s.engine_health_poll_s))
         self._run(self.registry_watcher.run())
         self._run(watch_training(self.jobs, self.metrics, s.training_metrics_poll_s))
+        self._run(self.usage.run(s.usage_flush_s))
         self.background.spawn(self.fine_tuning.resume_validation())
 
     async def stop(self) -> None:
@@ -265,6 +276,7 @@ class Services:
             await self.engine_process.stop()
         await self.engine.aclose()
         await self.gateway.limiter.counters.close()
+        await self.usage.close()  # the last flush: a graceful stop loses no usage
         await self.registry.close()
 
     def forget_lookups(self) -> None:

@@ -3,6 +3,10 @@
 - `postgres`: one real PostgreSQL server for the whole session (see tests/pg_server.py),
   started the first time a test asks for it, so runs that need none start none.
 - `pg_url`: the URL of a fresh, empty database on it, one per test.
+- `redis_server`: one real redis-server for the whole session (see tests/redis_server.py),
+  started the first time a test asks for it. Tests keep apart by key prefix or tenant name;
+  a test that stops a server (an outage) starts its own `RedisServer` rather than this one.
+- `redis_url`: its URL.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.pg_server import PostgresServer
+from tests.redis_server import RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -24,14 +29,6 @@ def postgres() -> Iterator[PostgresServer]:
 def pg_url(postgres: PostgresServer) -> str:
     return postgres.new_database()
 
-
-# -- Redis -------------------------------------------------------------------------------------
-# - `redis_server`: one real redis-server for the whole session (see tests/redis_server.py),
-#   started the first time a test asks for it. Tests keep apart by key prefix; a test that
-#   stops a server (an outage) starts its own `RedisServer` rather than stopping this one.
-# - `redis_url`: its URL.
-
-from tests.redis_server import RedisServer  # noqa: E402  (appended with the Redis fixtures)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,8 @@ reservations settled to usage, the max_tokens cap, concurrency, and Redis outage
 from __future__ import annotations
 
 import asyncio
+import json
+from datetime import datetime, timezone
 from typing import Any
 
 import httpx
@@ -284,3 +286,46 @@ def test_reset_durations_are_written_as_openai_does() -> None:
     assert format_reset(1.5) == "1.5s"
     assert format_reset(360) == "6m0s"
     assert format_reset(61.25) == "1m1.25s"
+
+
+# -- usage metering through the gateway --------------------------------------------------------
+
+async def test_usage_is_metered_per_adapter_and_key_and_flushed(gw: Any, clock: Clock,
+                                                                 make_adapter: Any) -> None:
+    key = await gw.new_tenant("acme")
+    await gw.register("acme", "support", make_adapter())
+    await set_limits(gw, "acme", requests_per_minute=5)
+    got: dict[str | None, list[int]] = {None: [0, 0, 0], "support": [0, 0, 0]}
+    for model, adapter, extra in [(BASE, None, {}), ("support", "support", {}),
+                                  ("support", "support", {"stream": True,
+                                                          "stream_options": {"include_usage": True}})]:
+        resp = await gw.chat("acme", key, model, **extra)
+        assert resp.status_code == 200
+        if extra:
+            usage = [e for e in resp.text.split("\n\n") if '"usage"' in e][0]
+            usage_obj = json.loads(usage[len("data: "):])["usage"]
+        else:
+            usage_obj = resp.json()["usage"]
+        got[adapter][0] += 1
+        got[adapter][1] += usage_obj["prompt_tokens"]
+        got[adapter][2] += usage_obj["completion_tokens"]
+    await gw.chat("acme", key, BASE)
+    await gw.chat("acme", key, BASE)
+    gw.expect_error(await gw.chat("acme", key, BASE), 429)  # metered as an error
+    got[None][0] += 3
+    got[None][1] += 2 * 5
+    got[None][2] += 2 * 2
+    await gw.services.usage.flush()  # what the periodic flush does
+    day = datetime.now(timezone.utc).date()
+    resp = await gw.admin("GET", "/admin/tenants/acme/usage",
+                          params={"start": str(day), "end": str(day), "group_by": "adapter,key"})
+    assert resp.status_code == 200, resp.text
+    rows = {r["adapter"]: r for r in resp.json()["data"]}
+    key_id = await key_id_of(gw, "acme")
+    for adapter, (requests, prompt, completion) in got.items():
+        row = rows[adapter]
+        assert (row["requests"], row["prompt_tokens"], row["completion_tokens"],
+                row["key_id"]) == (requests, prompt, completion, key_id), row
+    assert rows[None]["errors"] == 1 and rows["support"]["errors"] == 0
+    scrape = (await gw.client.get("/metrics")).text
+    assert "loraplex_usage_pending_entries 0.0" in scrape
