@@ -106,18 +106,20 @@ def test_a_concurrency_limit_is_global(gateways: tuple[Server, Server]) -> None:
     key = new_tenant(a, "one-at-a-time", max_in_flight=1)
     time.sleep(1.5)
     headers = {"X-Tenant-ID": "one-at-a-time", "Authorization": f"Bearer {key}"}
-    body = {"model": BASE, "messages": QUESTION, "max_tokens": 48, "stream": True,
+    # long enough to be still running when B is asked (the CPU engine makes ~100 tokens/s)
+    body = {"model": BASE, "messages": QUESTION, "max_tokens": 1500, "stream": True,
             "ignore_eos": True}
     with httpx.stream("POST", f"{a.url}/v1/chat/completions", json=body, headers=headers,
                       timeout=300) as held:
         assert held.status_code == 200
-        next(held.iter_lines())  # the stream is running on A
+        lines = held.iter_lines()  # kept: a dropped iterator would close the stream
+        assert next(lines)  # the stream is running on A
         refused = httpx.post(f"{b.url}/v1/chat/completions", headers=headers, timeout=300,
                              json={**body, "stream": False, "max_tokens": 2})
         assert refused.status_code == 429, refused.text
         assert refused.json()["error"]["type"] == "concurrency"
-        for _ in held.iter_lines():  # read it to the end: the slot is freed
-            pass
+        assert next(lines) is not None  # A's stream is still going
+    # the client went away: A stops the stream and frees the slot
     deadline = time.monotonic() + 10
     while True:  # the slot is released in the background as the answer ends
         ok = httpx.post(f"{b.url}/v1/chat/completions", headers=headers, timeout=300,
