@@ -47,6 +47,15 @@ async def current_tenant(caller: CallerDep) -> str:
     return caller.tenant_id
 
 
+async def report_limits(request: Request, caller: CallerDep, services: ServicesDep) -> None:
+    """The caller's x-ratelimit-* headers on an answer that uses no limit (tenant API calls
+    other than generation, which reports what it took)."""
+    await services.gateway.limiter.report(caller, request.state.record)
+
+
+ReportLimits = Depends(report_limits)
+
+
 async def require_admin(services: ServicesDep,
                   authorization: Annotated[str | None, Header()] = None) -> None:
     check_admin(services.admin_token, authorization)

@@ -110,7 +110,7 @@ class RateLimiter:
             yield Reservation(None, 0)
             return
         buckets, token_buckets, slots = _plan(caller)
-        prompt = self.tokens.count(req) if token_buckets else None
+        prompt = await self.tokens.count(req) if token_buckets else None
         reserved = 0
         if prompt is not None:
             per_choice = budget if budget is not None else max(self.max_model_len - prompt, 1)

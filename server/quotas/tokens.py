@@ -9,6 +9,7 @@ and costs nothing. Without a tokenizer file (tests' tiny models) `count` falls b
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,9 @@ log = logging.getLogger(__name__)
 
 # Per message: role and separators of the chat template (OpenAI's cookbook uses 3-4).
 MESSAGE_OVERHEAD = 4
+# Prompts longer than this are tokenized in a worker thread, off the event loop (a 4 MB body
+# takes the tokenizer about a second).
+THREAD_ABOVE_CHARS = 32_000
 
 
 class PromptTokens:
@@ -43,7 +47,13 @@ class PromptTokens:
                 log.warning("no tokenizer.json in %s: prompt tokens are estimated", path)
         return self._tokenizer
 
-    def count(self, req: GenerationRequest) -> int:
+    async def count(self, req: GenerationRequest) -> int:
+        """The prompt's tokens; long prompts are tokenized in a thread."""
+        if sum(len(p) for p in _parts(req) if isinstance(p, str)) > THREAD_ABOVE_CHARS:
+            return await asyncio.to_thread(self.count_now, req)
+        return self.count_now(req)
+
+    def count_now(self, req: GenerationRequest) -> int:
         encoder = self._encoder()
         if encoder is None:
             return self.estimate(req)

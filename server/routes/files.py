@@ -8,11 +8,12 @@ from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
 
 from adapters.errors import InvalidInput
-from server.deps import FineTuningDep, TenantDep
+from server.deps import FineTuningDep, ReportLimits, TenantDep
 from server.protocol.common import ERROR_RESPONSES
 from server.protocol.fine_tuning import FileDeleted, FileList, FileObject
 
-router = APIRouter(prefix="/v1", tags=["files"], responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1", tags=["files"], responses=ERROR_RESPONSES,
+                   dependencies=[ReportLimits])
 
 # The form is read by hand, after the key is checked (nothing is buffered for strangers), so
 # its shape is described here for /openapi.json.

@@ -6,13 +6,13 @@ from typing import Annotated
 
 from fastapi import APIRouter
 
-from server.deps import FineTuningDep, TenantDep
+from server.deps import FineTuningDep, ReportLimits, TenantDep
 from server.protocol.common import ERROR_RESPONSES
 from server.protocol.fine_tuning import CheckpointList, EventList, FineTuningJob, JobCreate, JobList
 from server.routes.json_body import JSONBody, JSONBodyRoute
 
 router = APIRouter(prefix="/v1", tags=["fine-tuning"], responses=ERROR_RESPONSES,
-                   route_class=JSONBodyRoute)
+                   route_class=JSONBodyRoute, dependencies=[ReportLimits])
 
 
 @router.post("/fine_tuning/jobs")

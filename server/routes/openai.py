@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from adapters.errors import NotFound
 from adapters.registry import KeyOwner
-from server.deps import CallerDep, GatewayDep
+from server.deps import CallerDep, GatewayDep, ReportLimits
 from server.gateway import Gateway
 from server.protocol.common import ERROR_RESPONSES
 from server.protocol.openai import (
@@ -52,16 +52,13 @@ async def completions(request: Request, caller: CallerDep, gateway: GatewayDep,
     return await _generate(request, gateway, caller, "/v1/completions", req)
 
 
-@router.get("/models")
-async def list_models(request: Request, caller: CallerDep, gateway: GatewayDep) -> ModelList:
-    await gateway.limiter.report(caller, request.state.record)
+@router.get("/models", dependencies=[ReportLimits])
+async def list_models(caller: CallerDep, gateway: GatewayDep) -> ModelList:
     return ModelList(data=await gateway.models(caller.tenant_id))
 
 
-@router.get("/models/{model:path}")
-async def retrieve_model(request: Request, model: str, caller: CallerDep,
-                         gateway: GatewayDep) -> ModelObject:
-    await gateway.limiter.report(caller, request.state.record)
+@router.get("/models/{model:path}", dependencies=[ReportLimits])
+async def retrieve_model(model: str, caller: CallerDep, gateway: GatewayDep) -> ModelObject:
     for entry in await gateway.models(caller.tenant_id):
         if entry.id == model:
             return entry

@@ -23,18 +23,24 @@ def word_tokenizer(folder: Path) -> Path:
 
 def test_counts_with_the_model_tokenizer(tmp_path: Path) -> None:
     tokens = PromptTokens(word_tokenizer(tmp_path / "model"))
-    assert tokens.count(CompletionRequest(model="m", prompt="the sky is very blue")) == 5
-    assert tokens.count(CompletionRequest(model="m", prompt=["the sky", "is blue"])) == 4
-    assert tokens.count(CompletionRequest(model="m", prompt=[5, 6, 7])) == 3
-    assert tokens.count(CompletionRequest(model="m", prompt=[[5, 6], [7]])) == 3
+    assert tokens.count_now(CompletionRequest(model="m", prompt="the sky is very blue")) == 5
+    assert tokens.count_now(CompletionRequest(model="m", prompt=["the sky", "is blue"])) == 4
+    assert tokens.count_now(CompletionRequest(model="m", prompt=[5, 6, 7])) == 3
+    assert tokens.count_now(CompletionRequest(model="m", prompt=[[5, 6], [7]])) == 3
     chat = ChatCompletionRequest(model="m", messages=[
         {"role": "system", "content": "the sky"},
         {"role": "user", "content": [{"type": "text", "text": "is blue"},
                                      {"type": "image_url", "image_url": {"url": "x"}}]}])
-    assert tokens.count(chat) == 4 + 2 * MESSAGE_OVERHEAD + 3
+    assert tokens.count_now(chat) == 4 + 2 * MESSAGE_OVERHEAD + 3
 
 
 def test_without_a_tokenizer_it_estimates(tmp_path: Path) -> None:
     tokens = PromptTokens(tmp_path)  # no tokenizer.json
     req = CompletionRequest(model="m", prompt="x" * 400)
-    assert tokens.count(req) == PromptTokens.estimate(req) == 101
+    assert tokens.count_now(req) == PromptTokens.estimate(req) == 101
+
+
+async def test_long_prompts_are_counted_off_the_event_loop(tmp_path: Path) -> None:
+    tokens = PromptTokens(word_tokenizer(tmp_path / "model"))
+    long = CompletionRequest(model="m", prompt="the sky is blue " * 20_000)
+    assert await tokens.count(long) == 80_000

@@ -158,6 +158,12 @@ async def test_models_and_other_tenant_answers_carry_the_headers(gw: Any, clock:
     assert resp.status_code == 200 and set(resp.headers) >= RATE_HEADERS
     assert resp.headers["x-ratelimit-remaining-requests"] == "10"  # reading takes nothing
     assert resp.headers["x-ratelimit-reset-tokens"] == "0ms"
+    for path in ("/v1/models/" + BASE, "/v1/files", "/v1/fine_tuning/jobs"):
+        resp = await gw.client.get(path, headers=gw.headers("acme", key))
+        assert resp.status_code == 200 and set(resp.headers) >= RATE_HEADERS, path
+    # errors too, once the caller is known
+    resp = await gw.client.get("/v1/files/file-nope", headers=gw.headers("acme", key))
+    assert resp.status_code == 404 and set(resp.headers) >= RATE_HEADERS
 
 
 # -- tokens per minute -------------------------------------------------------------------------
