@@ -14,6 +14,8 @@ import pytest
 
 from server.quotas.counters import Counters, CountersUnavailable, LocalCounters
 from server.quotas.limiter import format_reset
+from server.quotas.redis_counters import RedisCounters
+from tests.redis_server import RedisServer
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 RATE_HEADERS = {f"x-ratelimit-{what}-{kind}" for what in ("limit", "remaining", "reset")
@@ -335,3 +337,25 @@ async def test_usage_is_metered_per_adapter_and_key_and_flushed(gw: Any, clock: 
     assert rows[None]["errors"] == 1 and rows["support"]["errors"] == 0
     scrape = (await gw.client.get("/metrics")).text
     assert "loraplex_usage_pending_entries 0.0" in scrape
+
+
+async def test_a_real_redis_outage_fails_open_then_limits_come_back(gw: Any) -> None:
+    key = await gw.new_tenant("acme")
+    await set_limits(gw, "acme", requests_per_minute=2)
+    with RedisServer() as redis_server:
+        limiter = gw.services.gateway.limiter
+        limiter.counters = RedisCounters(redis_server.url(), timeout_s=0.25)
+        try:
+            assert (await gw.chat("acme", key, BASE)).headers[
+                "x-ratelimit-remaining-requests"] == "1"
+            redis_server.stop()
+            for _ in range(3):  # fail-open: served, without headers, counted
+                resp = await gw.chat("acme", key, BASE)
+                assert resp.status_code == 200 and not RATE_HEADERS & set(resp.headers)
+            assert _counter(gw, "loraplex_ratelimit_backend_errors_total") >= 3
+            redis_server.start()  # back, empty: the limits hold again
+            assert (await gw.chat("acme", key, BASE)).status_code == 200
+            assert (await gw.chat("acme", key, BASE)).status_code == 200
+            gw.expect_error(await gw.chat("acme", key, BASE), 429)
+        finally:
+            await limiter.counters.close()
