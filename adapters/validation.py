@@ -21,6 +21,9 @@ from adapters.base_model import BaseModelInfo
 from adapters.errors import AdapterInvalid
 from adapters.spec import AdapterSpec
 
+# vLLM only accepts these values for --max-lora-rank.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
@@ -128,8 +131,12 @@ def _check_config(config: dict[str, Any], base: BaseModelInfo, limits: AdapterLi
         rank_pattern = {}
     ranks = [rank, *rank_pattern.values()]
     if any(isinstance(r, int) and r > limits.max_rank for r in ranks):
+        # The engine was started for at most this rank; say which knob raises it (a larger
+        # one costs every request, adapter or not).
         problems.append(f"rank {max(r for r in ranks if isinstance(r, int))} is over the "
-                        f"server's max_lora_rank {limits.max_rank}")
+                        f"engine's limit of {limits.max_rank}; an operator can raise "
+                        f"LORAPLEX_MAX_LORA_RANK (one of {', '.join(map(str, VLLM_LORA_RANKS))}"
+                        f") and restart the engine")
     alpha = config.get("lora_alpha", 8)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
         problems.append(f"lora_alpha must be a positive number, got {alpha!r}")

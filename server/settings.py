@@ -15,10 +15,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from adapters.errors import InvalidInput
 from adapters.s3.uris import parse_s3_uri
+from adapters.validation import VLLM_LORA_RANKS
 
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
-# vLLM only accepts these values for --max-lora-rank.
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 class Settings(BaseSettings):

@@ -93,8 +93,8 @@ class LoraRecipe(BaseModel):
                                "(vLLM #9280)", param="lora.modules_to_save",
                                code="unservable_adapter")
         if self.r > max_lora_rank:
-            raise InvalidInput(f"lora.r {self.r} is over the server's max_lora_rank "
-                               f"{max_lora_rank}", param="lora.r")
+            raise InvalidInput(f"lora.r {self.r} is over the engine's limit of {max_lora_rank} "
+                               "(an operator can raise LORAPLEX_MAX_LORA_RANK)", param="lora.r")
         unknown = [t for t in self.target_modules if t not in module_suffixes]
         if unknown:
             raise InvalidInput(f"target modules {unknown} do not exist in the base model",

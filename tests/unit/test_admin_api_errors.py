@@ -149,7 +149,7 @@ def _one_d(tensors):
 
 
 BAD_ADAPTERS = {
-    "rank over max_lora_rank": ({"r": 32}, "max_lora_rank"),
+    "rank over max_lora_rank": ({"r": 32}, "raise LORAPLEX_MAX_LORA_RANK"),
     "target module absent": ({"targets": ("q_proj", "w_proj")}, "do not exist in the base model"),
     "target regex matches nothing": ({"targets": r".*\.w_proj"}, "matches no module"),
     "tensor with wrong shape": ({"tensors_hook": _bad_shape}, "has shape (63, 8)"),
