@@ -138,10 +138,12 @@ class RateLimiter:
         buckets = [Bucket(b.key, b.limit, 0) for b in buckets + token_buckets]  # read only
         try:
             _, states = await self.counters.take(buckets)
-        except CountersUnavailable as exc:
-            self._backend_failed(exc)
+        except CountersUnavailable:
+            # Headers are a courtesy: no 503 for them, even failing closed (no log either: a
+            # request that takes from the limits reports the outage).
+            if self._on_backend_error is not None:
+                self._on_backend_error()
             return
-        self._backend_ok()
         record.headers = _header_pairs(_headers(buckets, states))
 
     def _completion_budget(self, req: GenerationRequest, cap: int | None) -> int | None:

@@ -284,6 +284,9 @@ async def test_fail_closed_answers_503(gw: Any) -> None:
     limiter = gw.services.gateway.limiter
     limiter.counters, limiter.fail_open = DownCounters(), False
     gw.expect_error(await gw.chat("acme", key, BASE), 503, code="rate_limiter_unavailable")
+    # answers that take nothing from the limits are still given (without the headers)
+    models = await gw.client.get("/v1/models", headers=gw.headers("acme", key))
+    assert models.status_code == 200 and not RATE_HEADERS & set(models.headers)
     # a tenant without limits needs no counters
     free = await gw.new_tenant("free")
     assert (await gw.chat("free", free, BASE)).status_code == 200
