@@ -18,6 +18,10 @@ arrival order, like vLLM's waiting queue. A running request's first token comes
     .venv/bin/python loadtest/fake_engine.py --port 18500 --slots 32 --step-ms 30 \
         --prefill-ms-per-token 0.1 --decode-ms 30
 
+With `--load-blocks`, an adapter load holds the whole engine, as in vLLM, whose engine core
+runs `add_lora` between two steps of its busy loop: loads run one at a time and no stream gets
+a token while one runs (what loadtest/bench_zipf.py uses).
+
 Prompt tokens are estimated as characters / 4 (token-id lists: their length); every answer
 carries OpenAI `usage`, and so does a stream's last chunk when `stream_options.include_usage`.
 """
@@ -131,11 +135,15 @@ def _compact(doc: dict[str, Any]) -> str:
 
 
 def build_app(gap_s: float, load_s: float = 0.0, slots: int | None = None,
-              pace: Pace | None = None) -> Starlette:
+              pace: Pace | None = None, load_blocks: bool = False) -> Starlette:
     """`gap_s` between streamed tokens (and before the first); `load_s` per runtime adapter
     load (vLLM reads the files and copies the weights into its slots: ~25 ms for 2 MB on this
-    CPU, more on a GPU for big adapters). `slots` and `pace`: the capacity model above."""
+    CPU, more on a GPU for big adapters). `slots` and `pace`: the capacity model above.
+    `load_blocks`: a load holds the engine (one at a time, every stream paused meanwhile)."""
     loras: dict[str, str] = {}
+    load_lock = asyncio.Lock()
+    engine_free = asyncio.Event()
+    engine_free.set()
     running = Slots(slots)
     pace = pace or Pace(gap_s, 0.0, gap_s)
     role_first = slots is None  # the plain pacer sends the role at once; vLLM with the first token
@@ -153,7 +161,15 @@ def build_app(gap_s: float, load_s: float = 0.0, slots: int | None = None,
 
     async def load(r: Request) -> Response:
         body = await r.json()
-        await asyncio.sleep(load_s)
+        if load_blocks:
+            async with load_lock:
+                engine_free.clear()
+                try:
+                    await asyncio.sleep(load_s)
+                finally:
+                    engine_free.set()
+        else:
+            await asyncio.sleep(load_s)
         loras[body["lora_name"]] = body["lora_path"]
         return Response()
 
@@ -191,6 +207,9 @@ def build_app(gap_s: float, load_s: float = 0.0, slots: int | None = None,
                 due = time.monotonic() + pace.ttft(prompt)
                 for i in range(n):
                     await asyncio.sleep(max(0.0, due - time.monotonic()))
+                    if not engine_free.is_set():  # an adapter load holds the engine
+                        await engine_free.wait()
+                        due = time.monotonic()
                     if chat and i == 0 and not role_first:
                         yield chunk(None)
                     yield chunk(f" w{i}", "length" if i == n - 1 else None)
@@ -234,6 +253,8 @@ def main() -> None:
     p.add_argument("--gap-ms", type=float, default=20.0,
                    help="without --slots: ms before each streamed token")
     p.add_argument("--load-ms", type=float, default=0.0, help="time of one adapter load")
+    p.add_argument("--load-blocks", action="store_true",
+                   help="a load holds the engine: one at a time, no tokens meanwhile (vLLM)")
     p.add_argument("--slots", type=int, default=None,
                    help="capacity model: sequences running at once (more wait, FCFS)")
     p.add_argument("--step-ms", type=float, default=30.0,
@@ -246,7 +267,8 @@ def main() -> None:
     pace = None
     if args.slots is not None:
         pace = Pace(args.step_ms / 1000, args.prefill_ms_per_token / 1000, args.decode_ms / 1000)
-    uvicorn.run(build_app(args.gap_ms / 1000, args.load_ms / 1000, args.slots, pace),
+    uvicorn.run(build_app(args.gap_ms / 1000, args.load_ms / 1000, args.slots, pace,
+                          args.load_blocks),
                 host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 
