@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -349,18 +351,36 @@ def start_server(home: Path, model: Path, port: int, slots: int,
                             stdout=log, stderr=subprocess.STDOUT)
 
 
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 900) -> float:
+@contextlib.contextmanager
+def started(argv: list[str], log: Path,
+            env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """A child process, stopped (SIGINT, then SIGKILL) when the block ends."""
+    proc = subprocess.Popen(argv, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def wait_ok(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> float:
+    """Poll `url` until it answers 200 (seconds it took); fail if `proc` exits first."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         if proc.poll() is not None:
-            raise RuntimeError("loraplex up exited")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+            raise RuntimeError(f"process exited while waiting for {url}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
                 return time.monotonic() - start
-        except httpx.HTTPError:
-            pass
         time.sleep(0.25)
-    raise RuntimeError("server not healthy in time")
+    raise RuntimeError(f"{url} not ready in time")
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 900) -> float:
+    return wait_ok(f"{url}/healthz", proc, timeout)
 
 
 def bench_tenant(url: str) -> tuple[httpx.Client, dict[str, str]]:

@@ -44,12 +44,10 @@ import math
 import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +59,7 @@ from httpx_aiohttp import AiohttpTransport
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from bench import ADMIN, pct  # noqa: E402
+from bench import ADMIN, pct, started, wait_ok  # noqa: E402
 
 from adapters.base_model import ensure_default_model  # noqa: E402
 from server.engine.process import free_port  # noqa: E402
@@ -262,33 +260,6 @@ def usage_between(a: dict[str, Any], b: dict[str, Any]) -> tuple[dict[str, float
         sa, sb = a["engine_stats"], b["engine_stats"]
         util = (sb["busy_slot_s"] - sa["busy_slot_s"]) / (sb["slots"] * (sb["time_s"] - sa["time_s"]))
     return cpu, util
-
-
-@contextlib.contextmanager
-def started(args: list[str], log: Path,
-            env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    """A child process, stopped (SIGINT, then SIGKILL) when the block ends."""
-    proc = subprocess.Popen(args, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def wait_ok(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited while waiting for {url}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        time.sleep(0.25)
-    raise RuntimeError(f"{url} not ready in time")
 
 
 def wait_engine_idle(stats_url: str, timeout: float = 60) -> None:

@@ -47,11 +47,9 @@ import random
 import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,7 +59,7 @@ import psutil
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from bench import ADMIN, PROMPT, pct  # noqa: E402
+from bench import ADMIN, PROMPT, pct, started, wait_ok  # noqa: E402
 
 from adapters.base_model import ensure_default_model  # noqa: E402
 from adapters.synthetic import make_random_adapters  # noqa: E402
@@ -328,32 +326,6 @@ def run_phase(workload: str, url: str, admin: httpx.Client, headers: dict[str, s
           f"loads {phase.stats['loads']}, evictions {phase.stats['evictions']}, "
           f"machine CPU {phase.cpu['machine']:.0f}%", flush=True)
     return phase
-
-
-@contextlib.contextmanager
-def started(argv: list[str], log: Path, env: dict[str, str] | None = None
-            ) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(argv, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def wait_ok(url: str, proc: subprocess.Popen[bytes], timeout: float) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited while waiting for {url}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                return time.monotonic() - start
-        time.sleep(0.25)
-    raise RuntimeError(f"{url} not ready in time")
 
 
 def ms(x: float | None) -> str:
