@@ -138,13 +138,10 @@ class RateLimiter:
         buckets = [Bucket(b.key, b.limit, 0) for b in buckets + token_buckets]  # read only
         try:
             _, states = await self.counters.take(buckets)
-        except CountersUnavailable:
-            # Headers are a courtesy: no 503 for them, even failing closed (no log either: a
-            # request that takes from the limits reports the outage).
-            if self._on_backend_error is not None:
-                self._on_backend_error()
+        except CountersUnavailable as exc:
+            self._outage_seen(exc)  # headers are a courtesy: no 503 for them
             return
-        record.headers = _header_pairs(_headers(buckets, states))
+        record.headers = _headers(buckets, states)
 
     def _completion_budget(self, req: GenerationRequest, cap: int | None) -> int | None:
         """The request's completion budget, held to the cap (a 400 above it)."""
@@ -152,14 +149,13 @@ class RateLimiter:
         asked = req.max_tokens
         if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
             field_name, asked = "max_completion_tokens", req.max_completion_tokens
-        if cap is None:
+        if cap is None or (asked is not None and asked <= cap):
             return asked
-        if asked is not None and asked > cap:
+        if asked is not None:
             raise InvalidInput(f"{field_name} is {asked}, over this API key's limit of {cap} "
                                f"tokens per request", param=field_name,
                                code="max_tokens_exceeded")
-        if asked is None:
-            req.max_tokens = cap  # the engine stops at the cap, as the tenant was promised
+        req.max_tokens = cap  # the engine stops at the cap, as the tenant was promised
         return cap
 
     async def _take(self, caller: KeyOwner, buckets: list[Bucket], reservation: Reservation,
@@ -180,13 +176,13 @@ class RateLimiter:
         except CountersUnavailable:
             await self._release(reservation)
             raise
-        record.headers = _header_pairs(_headers(buckets, states))  # on the 429 too
+        record.headers = _headers(buckets, states)  # on the 429 too
         if taken:
             return
         await self._release(reservation)
         worst = max(range(len(states)), key=lambda i: states[i].retry_after_s)
         bucket, state = buckets[worst], states[worst]
-        kind: LimitKind = "tokens" if bucket.key.endswith(":tpm") else "requests"
+        kind = _kind(bucket)
         self._rejected(caller, kind)
         unit = "tokens per min (TPM)" if kind == "tokens" else "requests per min (RPM)"
         owner = _owner(bucket.key, caller)
@@ -213,7 +209,8 @@ class RateLimiter:
                         [Bucket(b.key, b.limit, delta) for b in reservation.token_buckets])
             await self._release(reservation)
         except CountersUnavailable as exc:
-            self._backend_failed(exc)
+            # In the background: nobody to answer 503 to; the reservation expires by refill.
+            self._outage_seen(exc)
 
     async def _release(self, reservation: Reservation) -> None:
         if reservation.slots:
@@ -224,15 +221,21 @@ class RateLimiter:
             self._on_rejected(caller.tenant_id, kind)
 
     def _backend_failed(self, exc: CountersUnavailable) -> None:
-        if self._on_backend_error is not None:
-            self._on_backend_error()
+        """A request could not take from its limits: 503 when failing closed."""
+        self._outage_seen(exc)
         if not self.fail_open:
             raise Unavailable("rate limits cannot be checked right now; retry shortly",
                               code="rate_limiter_unavailable", retry_after_s=1) from exc
+
+    def _outage_seen(self, exc: CountersUnavailable) -> None:
+        """Count a failed call to the counters; log the outage once."""
+        if self._on_backend_error is not None:
+            self._on_backend_error()
         if not self._outage:
             self._outage = True
-            log.warning("rate-limit counters unreachable (%s): serving without limits until "
-                        "they are back (fail-open)", exc)
+            log.warning("rate-limit counters unreachable (%s): %s until they are back", exc,
+                        "serving without limits" if self.fail_open
+                        else "refusing requests that have limits (503)")
 
     def _backend_ok(self) -> None:
         if self._outage:
@@ -262,20 +265,22 @@ def _owner(key: str, caller: KeyOwner) -> str:
             else f"API key {caller.key_id!r} of tenant {caller.tenant_id!r}")
 
 
-def _headers(buckets: Sequence[Bucket], states: Sequence[BucketState]) -> dict[str, str]:
-    """x-ratelimit-* of each limited dimension, from the tighter of tenant and key."""
-    tightest: dict[str, BucketState] = {}
+def _kind(bucket: Bucket) -> LimitKind:
+    return "tokens" if bucket.key.endswith(":tpm") else "requests"
+
+
+def _headers(buckets: Sequence[Bucket],
+             states: Sequence[BucketState]) -> list[tuple[bytes, bytes]]:
+    """x-ratelimit-* of each limited dimension, from the tighter of tenant and key, as the
+    raw header pairs the request record adds to the answer."""
+    tightest: dict[LimitKind, BucketState] = {}
     for bucket, state in zip(buckets, states, strict=True):
-        kind = "tokens" if bucket.key.endswith(":tpm") else "requests"
+        kind = _kind(bucket)
         if kind not in tightest or state.remaining < tightest[kind].remaining:
             tightest[kind] = state
-    headers = {}
-    for kind, state in tightest.items():
-        headers[f"x-ratelimit-limit-{kind}"] = str(state.limit)
-        headers[f"x-ratelimit-remaining-{kind}"] = str(max(math.floor(state.remaining), 0))
-        headers[f"x-ratelimit-reset-{kind}"] = format_reset(state.reset_s)
-    return headers
-
-
-def _header_pairs(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
-    return [(k.encode(), v.encode()) for k, v in headers.items()]
+    headers = []
+    for dim, state in tightest.items():
+        headers += [(f"x-ratelimit-limit-{dim}", str(state.limit)),
+                    (f"x-ratelimit-remaining-{dim}", str(max(math.floor(state.remaining), 0))),
+                    (f"x-ratelimit-reset-{dim}", format_reset(state.reset_s))]
+    return [(name.encode(), value.encode()) for name, value in headers]

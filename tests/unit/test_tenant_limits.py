@@ -12,9 +12,11 @@ from typing import Any
 import httpx
 import pytest
 
+from server.protocol.openai import ChatCompletionRequest
 from server.quotas.counters import Counters, CountersUnavailable, LocalCounters
 from server.quotas.limiter import format_reset
 from server.quotas.redis_counters import RedisCounters
+from server.quotas.tokens import PromptTokens
 from tests.redis_server import RedisServer
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -362,3 +364,33 @@ async def test_a_real_redis_outage_fails_open_then_limits_come_back(gw: Any) -> 
             gw.expect_error(await gw.chat("acme", key, BASE), 429)
         finally:
             await limiter.counters.close()
+
+
+async def test_a_request_under_the_cap_reserves_what_it_asked_for(gw: Any, clock: Clock) -> None:
+    key = await gw.new_tenant("acme")
+    await set_limits(gw, "acme", tokens_per_minute=10_000, max_tokens=500)
+    resp = await gw.chat("acme", key, BASE, max_tokens=10)
+    assert resp.status_code == 200
+    prompt = PromptTokens.estimate(ChatCompletionRequest(
+        model=BASE, messages=[{"role": "user", "content": "Capital of France?"}]))
+    # its own 10 tokens, not the cap's 500
+    assert int(resp.headers["x-ratelimit-remaining-tokens"]) == 10_000 - prompt - 10
+
+
+class SettleFails(LocalCounters):
+    async def adjust(self, *args: Any) -> Any:
+        raise CountersUnavailable("connection refused")
+
+
+async def test_settling_while_redis_is_down_fails_no_background_task(gw: Any) -> None:
+    key = await gw.new_tenant("acme")
+    await set_limits(gw, "acme", tokens_per_minute=10_000)
+    limiter = gw.services.gateway.limiter
+    limiter.counters, limiter.fail_open = SettleFails(), False
+    settles: list[asyncio.Future[None]] = []
+    limiter._spawn = lambda coro: settles.append(asyncio.ensure_future(coro))
+    before = _counter(gw, "loraplex_ratelimit_backend_errors_total")
+    assert (await gw.chat("acme", key, BASE)).status_code == 200
+    results = await asyncio.gather(*settles, return_exceptions=True)
+    assert settles and not [r for r in results if isinstance(r, BaseException)]
+    assert _counter(gw, "loraplex_ratelimit_backend_errors_total") == before + 1
