@@ -40,6 +40,7 @@ from server.gateway import Gateway
 from server.metrics import Metrics
 from server.quotas.counters import Counters, LocalCounters
 from server.quotas.limiter import RateLimiter
+from server.quotas.redis_counters import RedisCounters
 from server.quotas.tokens import PromptTokens
 from server.quotas.usage import UsageMeter
 from server.settings import Settings
@@ -138,8 +139,6 @@ def build_counters(settings: Settings) -> Counters:
     """The rate-limit counters: shared by every unit in Redis, or this process's own."""
     if settings.redis_url is None:
         return LocalCounters()
-    from server.quotas.redis_counters import RedisCounters
-
     return RedisCounters(settings.redis_url, timeout_s=settings.redis_timeout_s)
 
 

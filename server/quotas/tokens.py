@@ -37,7 +37,6 @@ class PromptTokens:
 
     def _encoder(self) -> Tokenizer | None:
         if not self._loaded:
-            self._loaded = True
             path = self._model_path / "tokenizer.json" if self._model_path else None
             if path is not None and path.is_file():
                 from tokenizers import Tokenizer
@@ -45,10 +44,14 @@ class PromptTokens:
                 self._tokenizer = Tokenizer.from_file(str(path))
             else:
                 log.warning("no tokenizer.json in %s: prompt tokens are estimated", path)
+            self._loaded = True  # after the load: a concurrent caller never sees it half-done
         return self._tokenizer
 
     async def count(self, req: GenerationRequest) -> int:
-        """The prompt's tokens; long prompts are tokenized in a thread."""
+        """The prompt's tokens; the tokenizer is read, and long prompts are tokenized, in a
+        thread (off the event loop)."""
+        if not self._loaded:
+            await asyncio.to_thread(self._encoder)
         if sum(len(p) for p in _parts(req) if isinstance(p, str)) > THREAD_ABOVE_CHARS:
             return await asyncio.to_thread(self.count_now, req)
         return self.count_now(req)
