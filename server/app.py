@@ -13,6 +13,7 @@ from server.limits import BodyLimit
 from server.request_log import RequestObserver
 from server.routes import (
     adapters,
+    console,
     engine,
     files,
     jobs,
@@ -49,8 +50,10 @@ def create_app(services: Services) -> FastAPI:
     async def _gone(_req: Request, _exc: ClientGone) -> Response:
         return Response(status_code=499)
 
-    # The tenant API and fine-tuning (OpenAI's shapes), the admin API by resource, operations.
-    for module in (openai, files, jobs, tenants, keys, limits, adapters, engine, usage, ops):
+    # The tenant API and fine-tuning (OpenAI's shapes), the admin API by resource, operations,
+    # the web console.
+    for module in (openai, files, jobs, tenants, keys, limits, adapters, engine, usage, ops,
+                   console):
         app.include_router(module.router)
 
     app.add_middleware(BodyLimit, default_limit=services.settings.max_request_bytes,

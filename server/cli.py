@@ -16,6 +16,7 @@ from typing import Any
 import uvicorn
 from rich.console import Console
 
+from server.admin_cli import add_commands as add_admin_commands
 from server.settings import Settings
 
 console = Console(stderr=True)
@@ -254,7 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     db.add_argument("action", choices=["upgrade", "current"],
                     help="upgrade: to the newest revision (idempotent, safe concurrently); "
                          "current: show the revision")
+    add_admin_commands(sub)
     args = parser.parse_args(argv)
+    if getattr(args, "admin_handler", None) is not None:
+        # Admin commands talk to a running server over HTTP; they start nothing here.
+        return int(args.admin_handler(args))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     # Alembic logs each migration step at INFO; `_db` prints the outcome in one line.
