@@ -13,6 +13,7 @@ from server.limits import BodyLimit
 from server.request_log import RequestObserver
 from server.routes import (
     adapters,
+    admin_jobs,
     console,
     engine,
     files,
@@ -52,8 +53,8 @@ def create_app(services: Services) -> FastAPI:
 
     # The tenant API and fine-tuning (OpenAI's shapes), the admin API by resource, operations,
     # the web console.
-    for module in (openai, files, jobs, tenants, keys, limits, adapters, engine, usage, ops,
-                   console):
+    for module in (openai, files, jobs, tenants, keys, limits, adapters, engine, admin_jobs,
+                   usage, ops, console):
         app.include_router(module.router)
 
     app.add_middleware(BodyLimit, default_limit=services.settings.max_request_bytes,
