@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     admin_token: str | None = None
     """Bearer token of the admin API; generated and stored in the data folder when unset. On a
     fleet, set it from a Kubernetes Secret: every unit must accept the same token."""
+    url: str | None = None
+    """The running server the `loraplex` admin commands talk to (tenants, keys, adapters, jobs,
+    engine); unset: http://127.0.0.1:<port>."""
     cache_salt_secret: str | None = None
     """Secret the per-tenant prefix-cache salt is derived from (HMAC). On a fleet, set it from a
     Kubernetes Secret: every unit must give a tenant the same salt. Unset: created once in the
