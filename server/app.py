@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi import FastAPI
 
 from server.errors import install_error_handlers
 from server.limits import BodyLimit
@@ -26,7 +25,6 @@ from server.routes import (
     usage,
 )
 from server.routes.json_body import install_openapi
-from server.routes.openai import ClientGone
 from server.services import Services
 
 
@@ -46,10 +44,6 @@ def create_app(services: Services) -> FastAPI:
     app.state.services = services
     install_error_handlers(app)
     install_openapi(app)
-
-    @app.exception_handler(ClientGone)
-    async def _gone(_req: Request, _exc: ClientGone) -> Response:
-        return Response(status_code=499)
 
     # The tenant API and fine-tuning (OpenAI's shapes), the admin API by resource, operations,
     # the web console.

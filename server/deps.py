@@ -82,7 +82,11 @@ FineTuningDep = Annotated[FineTuningService, Depends(get_fine_tuning)]
 
 async def parse_json(request: Request, model: type[M]) -> M:
     """Parse a JSON body into `model`, turning every failure into a 400 naming the field."""
-    raw = await request.body()
+    return parse_json_bytes(await request.body(), model)
+
+
+def parse_json_bytes(raw: bytes, model: type[M]) -> M:
+    """`raw` as `model`; every failure is a 400 naming the field."""
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:

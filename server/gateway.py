@@ -10,7 +10,7 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,7 +142,7 @@ class Gateway:
         return answer
 
     async def stream(self, caller: KeyOwner, path: str, req: GenerationRequest,
-                     record: RequestRecord) -> AsyncIterator[bytes]:
+                     record: RequestRecord) -> AsyncGenerator[bytes, None]:
         """Server-sent events, as the engine sends them but naming the tenant's model.
 
         Errors before the first event (unknown model, a limit, engine refusal) are raised when

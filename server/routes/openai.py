@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable
-from typing import Annotated, Any, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import APIRouter
+from fastapi.responses import Response
 
 from adapters.errors import NotFound
-from adapters.registry import KeyOwner
 from server.deps import CallerDep, GatewayDep, ReportLimits
-from server.gateway import Gateway
 from server.protocol.common import ERROR_RESPONSES
 from server.protocol.openai import (
     ChatCompletionRequest,
@@ -22,10 +19,10 @@ from server.protocol.openai import (
     ModelObject,
 )
 from server.routes.json_body import JSONBody, JSONBodyRoute
+from server.routes.raw_generation import GenerationEndpoint
 
 router = APIRouter(prefix="/v1", tags=["tenant"], route_class=JSONBodyRoute,
                    responses=ERROR_RESPONSES)
-T = TypeVar("T")
 
 # The answers are vLLM's, relayed (model renamed): documented as objects, not re-validated.
 _GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {200: {
@@ -39,17 +36,34 @@ _GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {200: {
                                    "id": {"type": "string"}, "retry": {"type": "integer"}}}}}}}
 
 
-@router.post("/chat/completions", response_class=Response, responses=_GENERATION_RESPONSES)
-async def chat_completions(request: Request, caller: CallerDep, gateway: GatewayDep,
+class _RawRoute(JSONBodyRoute):
+    """A route documented by its endpoint's signature (OpenAPI) and served by a raw ASGI
+    handler (`server.routes.raw_generation`): the signature is never called."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Coroutine[Any, Any, Any]],
+                 **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        body_model = self.body_model
+        assert body_model is not None and issubclass(body_model, GenerationRequest)
+        self.app = GenerationEndpoint(self.path_format, body_model)
+
+
+async def chat_completions(caller: CallerDep,
                            req: Annotated[ChatCompletionRequest, JSONBody(ChatCompletionRequest)],
                            ) -> Response:
-    return await _generate(request, gateway, caller, "/v1/chat/completions", req)
+    """Chat completion through the tenant's adapter or the base model; streams with `stream`."""
+    raise NotImplementedError  # served by GenerationEndpoint
 
 
-@router.post("/completions", response_class=Response, responses=_GENERATION_RESPONSES)
-async def completions(request: Request, caller: CallerDep, gateway: GatewayDep,
+async def completions(caller: CallerDep,
                       req: Annotated[CompletionRequest, JSONBody(CompletionRequest)]) -> Response:
-    return await _generate(request, gateway, caller, "/v1/completions", req)
+    """Text completion through the tenant's adapter or the base model; streams with `stream`."""
+    raise NotImplementedError  # served by GenerationEndpoint
+
+
+for _path, _endpoint in (("/chat/completions", chat_completions), ("/completions", completions)):
+    router.add_api_route(_path, _endpoint, methods=["POST"], response_class=Response,
+                         responses=_GENERATION_RESPONSES, route_class_override=_RawRoute)
 
 
 @router.get("/models", dependencies=[ReportLimits])
@@ -64,39 +78,3 @@ async def retrieve_model(model: str, caller: CallerDep, gateway: GatewayDep) -> 
             return entry
     raise NotFound(f"model {model!r} does not exist", param="model", code="model_not_found")
 
-
-async def _generate(request: Request, gateway: Gateway, caller: KeyOwner, path: str,
-                    req: GenerationRequest) -> Response:
-    record = request.state.record
-    if req.stream:
-        events = gateway.stream(caller, path, req, record)
-        await anext(events)  # errors before the first event become HTTP errors here
-        return StreamingResponse(events, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
-    answer = await _cancel_on_disconnect(request, gateway.complete(caller, path, req, record))
-    return JSONResponse(answer)
-
-
-class ClientGone(Exception):
-    """The client went away before its answer was ready; nobody reads the response."""
-
-
-async def _cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Run `work` unless the client disconnects first; then cancel it, which closes the engine
-    connection and makes vLLM abort the request (as vLLM's own `with_cancellation` does)."""
-    task = asyncio.ensure_future(work)
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if not task.done() or task.cancelled():
-        raise ClientGone()
-    return task.result()

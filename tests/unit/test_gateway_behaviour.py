@@ -521,11 +521,10 @@ async def test_healthz_and_engine_status(gw):
 # -- client disconnects ----------------------------------------------------------------------------
 
 async def test_client_disconnect_before_answer_is_client_gone_and_cancels_work():
-    from server.routes.openai import ClientGone, _cancel_on_disconnect
+    from server.routes.raw_generation import ClientGone, unless_disconnected
 
-    class GoneRequest:
-        async def receive(self):
-            return {"type": "http.disconnect"}
+    async def gone():
+        return {"type": "http.disconnect"}
 
     cancelled = asyncio.Event()
 
@@ -537,22 +536,53 @@ async def test_client_disconnect_before_answer_is_client_gone_and_cancels_work()
             raise
 
     with pytest.raises(ClientGone):
-        await _cancel_on_disconnect(GoneRequest(), slow_answer())
+        await unless_disconnected(gone, slow_answer())
     await asyncio.wait_for(cancelled.wait(), 10)
     assert cancelled.is_set()
 
 
 async def test_answer_ready_before_disconnect_is_returned():
-    from server.routes.openai import _cancel_on_disconnect
+    from server.routes.raw_generation import unless_disconnected
 
-    class StayingRequest:
-        async def receive(self):
-            await asyncio.sleep(3600)
+    async def staying():
+        await asyncio.sleep(3600)
 
     async def answer():
         return {"ok": True}
 
-    assert await _cancel_on_disconnect(StayingRequest(), answer()) == {"ok": True}
+    assert await unless_disconnected(staying, answer()) == {"ok": True}
+
+
+async def test_client_leaving_a_stream_closes_it_and_is_client_gone():
+    from server.request_log import RequestRecord
+    from server.routes.raw_generation import CLIENT_GONE, _send_events
+
+    closed = asyncio.Event()
+
+    async def events():
+        try:
+            yield b"data: {}\n\n"
+            await asyncio.sleep(3600)  # the engine is slow to send the next token
+        finally:
+            closed.set()  # the engine connection is closed here: vLLM aborts the request
+
+    left = asyncio.Event()
+
+    async def receive():
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+        if message.get("body"):
+            left.set()  # the client leaves after its first event
+
+    record = RequestRecord("r", "POST", "/v1/chat/completions")
+    await asyncio.wait_for(_send_events(events(), receive, send, record), 10)
+    assert closed.is_set() and record.status == CLIENT_GONE
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
 
 
 async def test_one_json_access_line_per_request_without_prompt_text(gw, make_adapter, caplog):
