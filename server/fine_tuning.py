@@ -20,12 +20,14 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from adapters.base_model import BaseModelInfo
-from adapters.errors import InvalidInput, NotFound
+from adapters.errors import InvalidInput, LoraplexError, NotFound
 from adapters.names import check_name
 from adapters.registry import timestamp
 from adapters.registry.models import FineTuneJob, JobCheckpoint, TrainingFile
 from adapters.registry.models import JobEvent as JobEventRow
 from adapters.training.dataset import DatasetReport, validate_jsonl
+from adapters.training.evaluation import EvaluationReport, EvaluationSettings
+from adapters.training.guardrails import data_warnings, rank_warnings
 from adapters.training.jobs import JobStatus, JobStore, check_purpose
 from adapters.training.recipe import DEFAULT_SEED, LoraRecipe, ResolvedHyperparameters, TrainingRecipe
 from server.protocol.fine_tuning import (
@@ -40,6 +42,7 @@ from server.protocol.fine_tuning import (
     JobError,
     JobEvent,
     JobList,
+    JobWarning,
     Method,
     SupervisedMethod,
 )
@@ -108,12 +111,27 @@ class FineTuningService:
             if row.purpose != "fine-tune":
                 raise InvalidInput(f"file {file_id} has purpose {row.purpose!r}, not "
                                    "'fine-tune'", param=param)
+        warnings = rank_warnings(recipe) + await self._data_warnings(tenant, body, recipe)
         job = await self.jobs.create_job(
             tenant, model=body.model, training_file=body.training_file,
             validation_file=body.validation_file, suffix=body.suffix,
-            adapter_name=adapter_name, recipe=recipe)
+            adapter_name=adapter_name, recipe=recipe, warnings=warnings,
+            evaluation_settings=body.evaluation.model_dump())
         self.spawn(self.validate_files(job.id))
         return _job(job)
+
+    async def _data_warnings(self, tenant: str, body: JobCreate,
+                             recipe: TrainingRecipe) -> list[dict[str, Any]]:
+        """The guard rails on the files (adapters/training/guardrails.py). They only warn: a
+        store that cannot give the files back now skips them (the dataset check reports it)."""
+        try:
+            training = await self.jobs.read_file(tenant, body.training_file)
+            validation = (await self.jobs.read_file(tenant, body.validation_file)
+                          if body.validation_file else None)
+        except LoraplexError as exc:
+            log.warning("guard rails of a job of %s skipped: %s", tenant, exc)
+            return []
+        return await asyncio.to_thread(data_warnings, recipe, training, validation)
 
     async def list_jobs(self, tenant: str, after: str | None, limit: int) -> JobList:
         rows, more = await self.jobs.list_jobs(tenant, after, max(1, min(limit, 100)))
@@ -219,7 +237,11 @@ def _job(j: FineTuneJob) -> FineTuningJob:
         trained_tokens=j.trained_tokens, seed=j.seed,
         error=JobError.model_validate(j.error) if j.error else None, suffix=j.suffix,
         method=Method(supervised=SupervisedMethod(hyperparameters=hyperparameters)),
-        lora=LoraRecipe.model_validate(j.lora), eval=(j.result or {}).get("eval"))
+        lora=LoraRecipe.model_validate(j.lora), eval=(j.result or {}).get("eval"),
+        warnings=[JobWarning.model_validate(w) for w in j.warnings or []],
+        evaluation_settings=(EvaluationSettings.model_validate(j.evaluation_settings)
+                             if j.evaluation_settings else None),
+        evaluation=EvaluationReport.model_validate(j.evaluation) if j.evaluation else None)
 
 
 def _event(e: JobEventRow) -> JobEvent:

@@ -208,6 +208,12 @@ class FineTuneJob(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)  # code, param, message
     result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     trained_tokens: Mapped[int | None] = mapped_column(default=None)
+    # Recipe warnings found at creation ([{"code", "message", "param"}]), never refusals.
+    warnings: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=None)
+    # How the end-of-job evaluation runs (adapters.training.evaluation.EvaluationSettings)
+    # and its report (adapters.training.evaluation.EvaluationReport), dumped.
+    evaluation_settings: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     worker_id: Mapped[str | None] = mapped_column(String(64), default=None)

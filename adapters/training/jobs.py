@@ -145,19 +145,27 @@ class JobStore:
     async def create_job(self, tenant: str, *, model: str, training_file: str,
                          recipe: TrainingRecipe, validation_file: str | None = None,
                          suffix: str | None = None,
-                         adapter_name: str | None = None) -> FineTuneJob:
+                         adapter_name: str | None = None,
+                         warnings: list[dict[str, Any]] | None = None,
+                         evaluation_settings: dict[str, Any] | None = None) -> FineTuneJob:
         """A new job in validating_files; `adapter_name` defaults to `ft-<part of the id>`.
-        Move it on with `files_validated` or `files_invalid`."""
+        Each of `warnings` ({"code", "param", "message"}) is also a "warn" event. Move it on
+        with `files_validated` or `files_invalid`."""
         job_id = "ftjob-" + secrets.token_hex(12)
         job = FineTuneJob(id=job_id, tenant_id=tenant, model=model, training_file=training_file,
                           validation_file=validation_file, suffix=suffix,
                           adapter_name=adapter_name or "ft-" + job_id.removeprefix("ftjob-")[:12],
                           hyperparameters=recipe.hyperparameters.model_dump(),
                           lora=recipe.lora.model_dump(), seed=recipe.seed,
-                          status=JobStatus.VALIDATING_FILES.value)
+                          status=JobStatus.VALIDATING_FILES.value, warnings=warnings or [],
+                          evaluation_settings=evaluation_settings)
         async with self.registry.transaction() as s:
             s.add(job)
             s.add(JobEvent(job_id=job.id, message="Validating training file"))
+            await s.flush()  # the events keep this order (ids follow insertion)
+            for warning in warnings or []:
+                s.add(JobEvent(job_id=job.id, message=f"Warning: {warning['message']}"[:2000],
+                               level="warn", data={"warning": warning["code"]}))
         return job
 
     async def files_validated(self, job_id: str) -> bool:

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from adapters.training.evaluation import EvaluationReport, EvaluationSettings
 from adapters.training.jobs import JobStatus
 from adapters.training.recipe import Hyperparameters, LoraRecipe, ResolvedHyperparameters
 
@@ -37,6 +38,31 @@ class JobCreate(BaseModel):
     integrations: list[Any] | None = None
     lora: LoraRecipe = Field(default_factory=LoraRecipe)
     """loraplex's extension: the LoRA recipe."""
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    """loraplex's extension: the end-of-job evaluation (metric of require_improvement, the
+    prompted baseline's system prompt and few-shot count, answer length)."""
+
+
+class EvaluationCreate(EvaluationSettings):
+    """POST /v1/fine_tuning/evaluations (and the admin one): the held-out examples (a file of
+    the tenant's, or inline), the models side by side, and how to run it. Unknown fields are
+    refused."""
+
+    models: list[str] = Field(min_length=1, max_length=8)
+    """Models of the tenant: the base model (its name, or "base") and adapters
+    (`name`, `name@version`, `name@alias`)."""
+    validation_file: str | None = None
+    """Held-out examples: a fine-tune file of the tenant's (chat or prompt/completion)."""
+    examples: list[dict[str, Any]] | None = Field(default=None, max_length=1000)
+    """Held-out examples inline, instead of `validation_file`."""
+    prompted_baseline: bool = True
+    """Add the base model well prompted (system prompt + few-shot turns) as "prompted"."""
+    training_file: str | None = None
+    """Where the prompted baseline's few-shot examples come from (a fine-tune file)."""
+    few_shot_examples: list[dict[str, Any]] | None = Field(default=None, max_length=256)
+    """Few-shot examples inline, instead of `training_file`."""
+    seed: int = Field(default=42, ge=0, le=2**31 - 1)
+    """Which few-shot examples are drawn."""
 
 
 # -- files -----------------------------------------------------------------------------------
@@ -79,6 +105,14 @@ class JobError(BaseModel):
     param: str | None = None
 
 
+class JobWarning(BaseModel):
+    """A recipe guard rail: few_examples, high_rank, no_general_data, validation_overlap."""
+
+    code: str
+    message: str
+    param: str | None = None
+
+
 class SupervisedMethod(BaseModel):
     hyperparameters: ResolvedHyperparameters
 
@@ -115,6 +149,13 @@ class FineTuningJob(BaseModel):
     """loraplex's extension: the LoRA recipe."""
     eval: dict[str, Any] | None = None
     """loraplex's extension: held-out loss and perplexity of the base model and the adapter."""
+    warnings: list[JobWarning] = Field(default_factory=list)
+    """loraplex's extension: what the recipe was warned about at creation (never refused)."""
+    evaluation_settings: EvaluationSettings | None = None
+    """loraplex's extension: how the end-of-job evaluation runs."""
+    evaluation: EvaluationReport | None = None
+    """loraplex's extension: the end-of-job evaluation report, once the job has one: the
+    base model, the prompted baseline and the adapter side by side."""
 
 
 class JobList(BaseModel):
