@@ -120,6 +120,13 @@ class Settings(BaseSettings):
     """Training workers `loraplex up` starts beside the gateway (0: none; run `loraplex worker`)."""
     worker_lease_s: float = Field(default=30.0, ge=3)
     """A job whose worker has not renewed its lease for this long is taken over by another."""
+    gateway_url: str | None = None
+    """Where a training worker reaches a gateway for its end-of-job evaluation through the
+    serving engine (the admin API). Unset: this host and port (what `loraplex up` serves)."""
+    evaluation_concurrency: int = Field(default=8, ge=1, le=256)
+    """Requests one evaluation keeps in flight to the engine at once."""
+    evaluation_timeout_s: float = Field(default=3600.0, gt=0)
+    """How long a training worker waits for the gateway's evaluation of a job."""
 
     engine_health_poll_s: float = Field(default=2.0, gt=0)
     """How often the engine's health is checked (an engine restart is noticed within this)."""
@@ -193,6 +200,14 @@ class Settings(BaseSettings):
         if self.store and not self.store.startswith("s3://"):
             return Path(self.store)
         return self.home / "store"
+
+    @property
+    def gateway_base_url(self) -> str:
+        """`gateway_url`, or this host and port (a wildcard bind reached on loopback)."""
+        if self.gateway_url:
+            return self.gateway_url.rstrip("/")
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
     @property
     def uses_s3(self) -> bool:
