@@ -154,10 +154,11 @@ def prompted_messages(messages: list[dict[str, Any]], system_prompt: str,
 
 @dataclass
 class Output:
-    """One generated answer: its text (None if generation failed) and its token count."""
+    """One generated answer: its text (None if generation failed, and why) and its tokens."""
 
     text: str | None
     tokens: int | None = None
+    error: str | None = None
 
 
 def score(model: str, kind: Kind, cases: Sequence[Case], outputs: Sequence[Output],

@@ -9,6 +9,7 @@ from starlette.datastructures import UploadFile
 
 from adapters.errors import InvalidInput
 from adapters.sources import AdapterSources, UploadedFile
+from adapters.training.evaluation import EvaluationReport
 from server.deps import AdminDep, AdminServiceDep, parse_json
 from server.protocol.admin import (
     AdapterList,
@@ -20,6 +21,8 @@ from server.protocol.admin import (
     VersionSource,
 )
 from server.protocol.common import ERROR_RESPONSES, Deleted
+from server.protocol.fine_tuning import EvaluationCreate
+from server.routes.jobs import EvaluationsDep
 from server.routes.json_body import JSONBody, JSONBodyRoute
 
 router = APIRouter(prefix="/admin", tags=["admin: adapters"], dependencies=[AdminDep],
@@ -113,3 +116,12 @@ async def set_alias(tenant: str, name: str, alias: str, admin: AdminServiceDep,
 @router.delete("/tenants/{tenant}/adapters/{name}/aliases/{alias}")
 async def delete_alias(tenant: str, name: str, alias: str, admin: AdminServiceDep) -> AliasDeleted:
     return await admin.delete_alias(tenant, name, alias)
+
+
+@router.post("/tenants/{tenant}/evaluations")
+async def create_evaluation(tenant: str, evaluations: EvaluationsDep,
+                            body: Annotated[EvaluationCreate, JSONBody(EvaluationCreate)]
+                            ) -> EvaluationReport:
+    """POST /v1/fine_tuning/evaluations on the tenant's behalf (its limits and fair share);
+    the training worker's end-of-job evaluation."""
+    return await evaluations.run(await evaluations.caller_for(tenant), body)

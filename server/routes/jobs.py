@@ -4,12 +4,29 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
-from server.deps import FineTuningDep, ReportLimits, TenantDep
+from adapters.training.evaluation import EvaluationReport
+from server.deps import CallerDep, FineTuningDep, ReportLimits, ServicesDep, TenantDep
+from server.evaluation import EvaluationService
 from server.protocol.common import ERROR_RESPONSES
-from server.protocol.fine_tuning import CheckpointList, EventList, FineTuningJob, JobCreate, JobList
+from server.protocol.fine_tuning import (
+    CheckpointList,
+    EvaluationCreate,
+    EventList,
+    FineTuningJob,
+    JobCreate,
+    JobList,
+)
 from server.routes.json_body import JSONBody, JSONBodyRoute
+
+
+async def get_evaluations(services: ServicesDep) -> EvaluationService:
+    return EvaluationService(services.gateway, services.jobs,
+                             services.settings.evaluation_concurrency)
+
+
+EvaluationsDep = Annotated[EvaluationService, Depends(get_evaluations)]
 
 router = APIRouter(prefix="/v1", tags=["fine-tuning"], responses=ERROR_RESPONSES,
                    route_class=JSONBodyRoute, dependencies=[ReportLimits])
@@ -49,3 +66,15 @@ async def list_events(job_id: str, tenant: TenantDep, fine_tuning: FineTuningDep
 async def list_checkpoints(job_id: str, tenant: TenantDep,
                            fine_tuning: FineTuningDep) -> CheckpointList:
     return await fine_tuning.list_checkpoints(tenant, job_id)
+
+
+@router.post("/fine_tuning/evaluations")
+async def create_evaluation(caller: CallerDep, evaluations: EvaluationsDep,
+                            body: Annotated[EvaluationCreate, JSONBody(EvaluationCreate)]
+                            ) -> EvaluationReport:
+    """Answer held-out examples (`validation_file` or inline `examples`) greedily with each of
+    `models` and, unless `prompted_baseline` is false, the base model well prompted (system
+    prompt + `few_shot` examples of `training_file`), through the serving engine; exact match,
+    token F1, ROUGE-L and output length per model, and a few examples side by side. Answered
+    when done (minutes for a large file)."""
+    return await evaluations.run(caller, body)
