@@ -50,8 +50,10 @@ GET {base}/healthz answers 200 once {ready_when} (about a minute on a CPU).
 
 
 def _uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
+    # No proxy-headers middleware: nothing reads the client address, and it parses the
+    # peer's IP on every request. The access log is loraplex's own (server.request_log).
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                          timeout_graceful_shutdown=10, access_log=False)
+                          timeout_graceful_shutdown=10, access_log=False, proxy_headers=False)
 
 
 def _up(settings: Settings, units: int = 1) -> int:

@@ -52,6 +52,7 @@ class EngineClient:
         self._http = httpx.AsyncClient(
             base_url=self.base_url, transport=transport or AiohttpTransport(limits=limits),
             timeout=httpx.Timeout(timeout_s, connect=5.0), limits=limits)
+        self._urls: dict[str, httpx.URL] = {}
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -94,10 +95,17 @@ class EngineClient:
         if resp.status_code != 200:
             raise EngineError(resp.status_code, resp.content)
 
+    def _url(self, path: str) -> httpx.URL:
+        """The engine URL of `path`, parsed once: httpx parses a relative path on every call."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = httpx.URL(self.base_url + path)
+        return url
+
     async def post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """A non-streaming inference call."""
         try:
-            resp = await self._http.post(path, json=body)
+            resp = await self._http.post(self._url(path), json=body)
         except httpx.HTTPError as exc:
             raise _unavailable(exc) from exc
         if resp.status_code != 200:
@@ -112,7 +120,7 @@ class EngineClient:
         The status is checked before the first event is given, and leaving the context closes
         the connection, which makes vLLM abort the request."""
         # identity: the raw body is the event stream itself, never compressed.
-        request = self._http.build_request("POST", path, json=body,
+        request = self._http.build_request("POST", self._url(path), json=body,
                                            headers={"Accept-Encoding": "identity"})
         try:
             resp = await self._http.send(request, stream=True)
