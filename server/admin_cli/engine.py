@@ -30,11 +30,15 @@ def show(args: argparse.Namespace, client: AdminClient, out: Output) -> None:
     out.fields([(name.replace("_", " "), stats[name]) for name in
                 ("loads", "hits", "evictions", "load_failures", "unloads") if name in stats])
     out.table(["adapter (engine name)", "state", "in flight", "idle s", "load s", "pinned"], (
-        [r.get("engine_name"), r.get("state"), r.get("in_flight"), r.get("idle_seconds"),
-         r.get("load_seconds"), r.get("pinned")] for r in resident),
+        [r.get("engine_name"), r.get("state"), r.get("in_flight"), _seconds(r.get("idle_seconds")),
+         _seconds(r.get("load_seconds")), r.get("pinned")] for r in resident),
         title="resident adapters", empty="no adapter is resident")
     cache = engine.get("disk_cache")
     if cache:
         out.fields([("disk cache", ", ".join(
             f"{k}={size(v) if k.endswith('bytes') and isinstance(v, int) else v}"
             for k, v in cache.items()))])
+
+
+def _seconds(value: Any) -> Any:
+    return f"{value:.2f}" if isinstance(value, float) else value

@@ -79,12 +79,12 @@ class FollowView:
 def follow(args: argparse.Namespace, client: AdminClient, out: Output) -> int:
     job_url = path("admin", "fine_tuning", "jobs", args.job_id)
     feed = EventFeed(client, f"{job_url}/events")
+    job = client.get(job_url)  # a wrong id, token or URL fails here, at once, not retried
     view = None if out.as_json else FollowView(out.out, args.job_id)
     try:
         if view is not None:
             view.progress.start()
         while True:
-            job = _retrying(lambda: client.get(job_url), out, args.interval)
             for event in _retrying(feed.new, out, args.interval):
                 if view is None:
                     out.json_line(event)
@@ -95,6 +95,7 @@ def follow(args: argparse.Namespace, client: AdminClient, out: Output) -> int:
             if job["status"] in FINAL_VALUES:
                 break
             time.sleep(args.interval)
+            job = _retrying(lambda: client.get(job_url), out, args.interval)
     except KeyboardInterrupt:
         if view is not None:
             view.progress.stop()  # before the note, which would otherwise print above the bar

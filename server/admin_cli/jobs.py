@@ -80,7 +80,7 @@ def show(args: argparse.Namespace, client: AdminClient, out: Output) -> None:
     ])
     recent = client.get(job_url(args.job_id, "events"), params={"limit": SHOWN_EVENTS})
     _events_table(out, recent["data"], f"latest {SHOWN_EVENTS} events" if recent["has_more"]
-                  else "events")
+                  else "events (newest first)")
 
 
 def events(args: argparse.Namespace, client: AdminClient, out: Output) -> None:
