@@ -27,9 +27,11 @@ import shutil
 import socket
 import threading
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
 
 from adapters.base_model import BaseModelInfo
 from adapters.errors import LoraplexError
@@ -37,18 +39,33 @@ from adapters.registration import register_version
 from adapters.registry import Registry
 from adapters.registry.models import FineTuneJob
 from adapters.store import AdapterStore
-from adapters.training.dataset import mix_general, validate_jsonl
+from adapters.training.dataset import mix_general, to_messages, validate_jsonl
+from adapters.training.evaluation import (
+    BASE_KEY,
+    PROMPTED_KEY,
+    Case,
+    EvaluationReport,
+    EvaluationSettings,
+    ModelScores,
+    beats,
+    best,
+    case_of,
+    pick_shots,
+    prompted_messages,
+)
+from adapters.training.evaluator import Evaluator
 from adapters.training.jobs import FINAL, JobStatus, JobStore, checkpoints_prefix
 from adapters.training.recipe import TrainingRecipe
 from adapters.validation import AdapterLimits
 
 if TYPE_CHECKING:
-    from adapters.training.trainer import Progress, TrainConfig
+    from adapters.training.trainer import EvalResult, Progress, TrainConfig, TrainResult
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_EVERY_STEPS = 5
 MAX_ERROR_MESSAGE = 2000
+PROMPTED_MAX_SEQ_LEN = 8192
 
 
 def job_error(exc: BaseException) -> dict[str, Any]:
@@ -154,7 +171,8 @@ class Worker:
     def __init__(self, jobs: JobStore, registry: Registry, store: AdapterStore,
                  base_model: Path, base_info: BaseModelInfo, limits: AdapterLimits,
                  model_name: str, work_root: Path, *, lease_s: float = 30.0,
-                 poll_s: float = 2.0, worker_id: str | None = None, threads: int = 0) -> None:
+                 poll_s: float = 2.0, worker_id: str | None = None, threads: int = 0,
+                 evaluator: Evaluator | None = None) -> None:
         self.jobs, self.registry, self.store = jobs, registry, store
         self.base_model, self.base_info, self.limits = base_model, base_info, limits
         self.model_name = model_name
@@ -162,6 +180,9 @@ class Worker:
         self.lease_s, self.poll_s = lease_s, poll_s
         self.threads = threads or max(1, (os.cpu_count() or 2) // 2)  # the engine needs CPU too
         self.worker_id = worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+        # Answers through the serving engine (a gateway); without one, the report has the
+        # held-out losses only.
+        self.evaluator = evaluator
 
     async def run_forever(self, stop: asyncio.Event) -> None:
         log.info("training worker %s polling for jobs", self.worker_id)
@@ -209,11 +230,12 @@ class Worker:
 
     async def _train_and_register(self, job: FineTuneJob, work_dir: Path,
                                   stop_training: threading.Event) -> None:
-        from adapters.training.trainer import evaluate, split_holdout, train
+        from adapters.training.trainer import split_holdout, train
 
         loop = asyncio.get_running_loop()
         train_data = await self.jobs.read_file(job.tenant_id, job.training_file)
         examples = validate_jsonl(train_data, min_examples=1).examples
+        own_examples = examples  # the few-shot pool of the prompted baseline
         if job.validation_file:
             holdout = validate_jsonl(await self.jobs.read_file(job.tenant_id, job.validation_file),
                                      min_examples=1).examples
@@ -250,40 +272,120 @@ class Worker:
             # before its checkpoints are deleted, so none is uploaded after that).
             await asyncio.gather(*(asyncio.wrap_future(f) for f in pending),
                                  return_exceptions=True)
-        await self.jobs.add_event(job.id, "Evaluating the adapter against the base model")
-        base_eval = await asyncio.to_thread(evaluate, self.base_model, holdout, None,
-                                            config.max_seq_len)
-        tuned_eval = await asyncio.to_thread(evaluate, self.base_model, holdout,
-                                             result.adapter_dir, config.max_seq_len)
-        figures = {"base_loss": base_eval.loss, "base_perplexity": base_eval.perplexity,
-                   "adapter_loss": tuned_eval.loss, "adapter_perplexity": tuned_eval.perplexity,
-                   "holdout_examples": len(holdout), "improved": tuned_eval.loss < base_eval.loss}
-        await self.jobs.add_event(
-            job.id, f"Held-out loss: base {base_eval.loss:.4f}, adapter {tuned_eval.loss:.4f}",
-            type_="metrics", data=figures)
         run = {"steps": result.steps, "train_loss": result.train_loss,
                "tokens_per_s": result.tokens_per_s, "seconds": result.seconds}
-        if recipe.lora.require_improvement and not figures["improved"]:
-            await self.jobs.finish(
-                job.id, self.worker_id, JobStatus.FAILED, "The adapter did not beat the base model",
-                error={"code": "eval_not_improved", "param": None,
-                       "message": "held-out loss of the adapter is not below the base model's"},
-                result={"eval": figures, "run": run}, trained_tokens=result.trained_tokens)
-            return
+        await self._evaluate_and_register(job, recipe, result, holdout, own_examples, run)
+
+    async def _evaluate_and_register(self, job: FineTuneJob, recipe: TrainingRecipe,
+                                     result: TrainResult, holdout: list[dict[str, Any]],
+                                     own_examples: list[dict[str, Any]],
+                                     run: dict[str, Any]) -> None:
+        """Held-out losses here, the version registered, the answers through the serving
+        engine (a gateway), then succeeded, or failed under require_improvement."""
+        settings = EvaluationSettings.model_validate(job.evaluation_settings or {})
+        holdout = holdout[:settings.max_examples]
+        cases = [case_of(e) for e in holdout]
+        # The gateway draws the shots from this pool the same way (pick_shots is seeded), so
+        # the loss and the answers of the prompted baseline see the same turns.
+        pool = [_example(c) for c in pick_shots(own_examples, settings.few_shot, job.seed,
+                                                avoid=cases)]
+        shots = pick_shots(pool, settings.few_shot, job.seed, avoid=cases)
+        await self.jobs.add_event(job.id, "Evaluating the adapter against the base model and "
+                                  "the prompted baseline")
+        losses = await self._losses(holdout, result.adapter_dir, settings, shots,
+                                    recipe.lora.max_seq_len)
+        figures = losses.figures(len(holdout))
+        await self.jobs.add_event(job.id, losses.summary(), type_="metrics", data=figures)
         version = await register_version(
             self.registry, self.store, self.base_info, self.limits, job.tenant_id,
             job.adapter_name, result.adapter_dir, f"fine-tune:{job.id}", self.model_name)
-        version.meta = {**(version.meta or {}), "eval": figures}
         name = f"{job.adapter_name}@{version.version}"
+        report = await self._report(job, name, holdout, pool, settings, losses)
+        figures["improved"] = report.improved
+        await self.jobs.add_event(job.id, _summary(report), type_="metrics",
+                                  data={"evaluation": report.model_dump(exclude={"samples"})})
+        fields = {"result": {"eval": figures, "run": run}, "trained_tokens": result.trained_tokens,
+                  "evaluation": report.model_dump()}
+        if recipe.lora.require_improvement and not report.improved:
+            await self._forget(job, version.version)
+            missing = any(getattr(m, settings.metric) is None for m in report.models.values())
+            error = ({"code": "evaluation_failed", "param": None,
+                      "message": f"{settings.metric} could not be measured for every model: "
+                                 + "; ".join(report.errors)} if missing else
+                     {"code": "eval_not_improved", "param": None,
+                      "message": f"the adapter does not beat both the base model and the "
+                                 f"prompted baseline on held-out {settings.metric}"})
+            await self.jobs.finish(job.id, self.worker_id, JobStatus.FAILED,
+                                   "The adapter did not beat the base model and the prompted "
+                                   "baseline" if not missing else "The evaluation failed",
+                                   error=error, **fields)
+            return
         done = await self.jobs.finish(
             job.id, self.worker_id, JobStatus.SUCCEEDED, f"New fine-tuned model created: {name}",
-            fine_tuned_model=name, result={"eval": figures, "run": run},
-            trained_tokens=result.trained_tokens)
+            fine_tuned_model=name, **fields)
         if not done:  # cancelled (or taken over) while registering: leave nothing behind
-            deleted = await self.registry.delete_version(job.tenant_id, job.adapter_name,
-                                                         version.version)
-            for key in deleted.store_keys:
-                await self.store.delete(key)
+            await self._forget(job, version.version)
+
+    async def _forget(self, job: FineTuneJob, version: int) -> None:
+        """Remove a version this job registered (the job did not succeed after all)."""
+        deleted = await self.registry.delete_version(job.tenant_id, job.adapter_name, version)
+        for key in deleted.store_keys:
+            await self.store.delete(key)
+
+    async def _losses(self, holdout: list[dict[str, Any]], adapter_dir: Path,
+                      settings: EvaluationSettings, shots: list[Case],
+                      max_seq_len: int) -> Losses:
+        """Held-out loss (assistant tokens) of the base model, the adapter and the prompted
+        baseline (None if the few-shot turns leave no answer token within its length)."""
+        from adapters.training.trainer import TrainingError, evaluate
+
+        base = await asyncio.to_thread(evaluate, self.base_model, holdout, None, max_seq_len)
+        tuned = await asyncio.to_thread(evaluate, self.base_model, holdout, adapter_dir,
+                                        max_seq_len)
+        prompted_examples = [{"messages": prompted_messages(to_messages(e), settings.prompt,
+                                                            shots)} for e in holdout]
+        try:  # the turns before make it longer: room for them, so the answer is not cut off
+            prompted: EvalResult | None = await asyncio.to_thread(
+                evaluate, self.base_model, prompted_examples, None,
+                min(max_seq_len * (1 + len(shots)), PROMPTED_MAX_SEQ_LEN))
+        except TrainingError as exc:
+            log.warning("no prompted-baseline loss: %s", exc)
+            prompted = None
+        return Losses(base, tuned, prompted)
+
+    async def _report(self, job: FineTuneJob, name: str, holdout: list[dict[str, Any]],
+                      pool: list[dict[str, Any]], settings: EvaluationSettings,
+                      losses: Losses) -> EvaluationReport:
+        """The gateway's report for base, prompted baseline and adapter, with the losses
+        added; without a gateway, the losses alone (and why)."""
+        report: EvaluationReport | None = None
+        errors: list[str] = []
+        if self.evaluator is None:
+            errors.append("no gateway to evaluate through (the worker has no evaluator)")
+        else:
+            body = {**settings.model_dump(), "models": [BASE_KEY, name], "examples": holdout,
+                    "few_shot_examples": pool or None, "few_shot": len(pool),
+                    "prompted_baseline": True, "seed": job.seed}
+            try:
+                report = EvaluationReport.model_validate(
+                    await self.evaluator.evaluate(job.tenant_id, body))
+            except (LoraplexError, ValidationError) as exc:
+                log.warning("job %s: no evaluation through the engine: %s", job.id, exc)
+                errors.append(f"answers through the serving engine: {exc}")
+        if report is None:
+            report = EvaluationReport(examples=len(holdout), metric=settings.metric, models={
+                BASE_KEY: ModelScores(model=self.model_name, kind="base"),
+                PROMPTED_KEY: ModelScores(model=self.model_name, kind="prompted"),
+                name: ModelScores(model=name, kind="adapter")})
+        for key, loss in ((BASE_KEY, losses.base), (PROMPTED_KEY, losses.prompted),
+                          (name, losses.adapter)):
+            report.models[key].loss = loss.loss if loss is not None else None
+        report.errors += errors
+        report.best = best(report.models, settings.metric)
+        report.improved = beats(report.models[name],
+                                [report.models[BASE_KEY], report.models[PROMPTED_KEY]],
+                                settings.metric)
+        return report
 
     async def _progress(self, job_id: str, p: Progress, config: TrainConfig,
                         mirror: CheckpointMirror) -> None:
@@ -299,3 +401,38 @@ class Worker:
         if p.step % config.checkpoint_every_steps == 0 and p.step < p.total_steps:
             await self.jobs.add_checkpoint(job_id, p.step, {"train_loss": p.loss})
         await self.jobs.update_job(job_id, result={"progress": p.step / max(p.total_steps, 1)})
+
+
+@dataclass
+class Losses:
+    """Held-out losses computed by the worker (the prompted baseline's may be missing)."""
+
+    base: EvalResult
+    adapter: EvalResult
+    prompted: EvalResult | None
+
+    def figures(self, examples: int) -> dict[str, Any]:
+        """The job's `eval` object (kept as before issue 14, plus the prompted loss)."""
+        return {"base_loss": self.base.loss, "base_perplexity": self.base.perplexity,
+                "adapter_loss": self.adapter.loss, "adapter_perplexity": self.adapter.perplexity,
+                "prompted_loss": self.prompted.loss if self.prompted else None,
+                "holdout_examples": examples}
+
+    def summary(self) -> str:
+        prompted = f"prompted {self.prompted.loss:.4f}, " if self.prompted else ""
+        return (f"Held-out loss: base {self.base.loss:.4f}, {prompted}"
+                f"adapter {self.adapter.loss:.4f}")
+
+
+def _example(case: Case) -> dict[str, Any]:
+    """A case as a chat example again (the prompt and its reference answer)."""
+    return {"messages": [*case.prompt, {"role": "assistant", "content": case.reference}]}
+
+
+def _summary(report: EvaluationReport) -> str:
+    def figure(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    columns = ", ".join(f"{key} {figure(getattr(m, report.metric))}"
+                        for key, m in report.models.items())
+    return f"Evaluation on {report.examples} held-out examples, {report.metric}: {columns}"
