@@ -26,6 +26,7 @@ from adapters.s3.store import S3Store
 from adapters.s3.uris import parse_s3_uri
 from adapters.sources import AdapterSources
 from adapters.store import AdapterStore, LocalStore
+from adapters.training.evaluator import GatewayEvaluator
 from adapters.training.jobs import JobStore
 from adapters.training.worker import Worker
 from adapters.validation import AdapterLimits
@@ -146,9 +147,13 @@ def build_worker(settings: Settings, registry: Registry, model_path: Path) -> Wo
     """A training worker (`loraplex worker`): the registry, the store and the base model, no
     engine and no gateway."""
     store, _ = build_store(settings)
+    # End-of-job evaluations run through the serving engine: a gateway's admin API.
+    evaluator = GatewayEvaluator(settings.gateway_base_url, shared_secrets(settings)[1],
+                                 settings.evaluation_timeout_s)
     return Worker(JobStore(registry, store), registry, store, model_path,
                   BaseModelInfo.from_folder(model_path), adapter_limits(settings),
-                  settings.model_name, settings.home / "training", lease_s=settings.worker_lease_s)
+                  settings.model_name, settings.home / "training", lease_s=settings.worker_lease_s,
+                  evaluator=evaluator)
 
 
 @dataclass
