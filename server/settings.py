@@ -46,6 +46,13 @@ class Settings(BaseSettings):
     unit_dir: Path | None = None
     """This unit's own folder: engine log, engine pid file, disk cache. Unset: the data folder.
     `loraplex up --units N` gives unit i `<home>/units/<i>`; everything else stays shared."""
+    gateway_processes: int = Field(default=1, ge=1, le=64)
+    """Gateway processes per unit, all on the unit's port (the kernel spreads connections).
+    One process forwards about 10k-20k streamed tokens/s; more processes use more cores. The
+    first owns the engine's adapter slots, the others use them through it. More than one
+    needs `redis_url` (the rate-limit counters must be shared)."""
+    gateway_process_index: int = Field(default=0, ge=0)
+    """Which of the unit's gateway processes this is (set by the unit for its processes)."""
     database_url: str | None = None
     """SQLAlchemy async URL of the registry; a SQLite file in the data folder when unset."""
 
@@ -182,6 +189,10 @@ class Settings(BaseSettings):
             )
         if self.max_lora_rank not in VLLM_LORA_RANKS:
             raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS}")
+        if self.gateway_processes > 1 and not self.redis_url:
+            raise ValueError(
+                f"gateway_processes={self.gateway_processes} needs redis_url: the processes "
+                "must share the rate-limit counters (set LORAPLEX_REDIS_URL)")
         store = [self.store] if self.store is not None and self.uses_s3 else []
         for uri in [*self.s3_source_allowlist, *store]:
             try:
@@ -221,6 +232,12 @@ class Settings(BaseSettings):
     def unit_home(self) -> Path:
         """This unit's own folder (see `unit_dir`)."""
         return self.unit_dir or self.home
+
+    @property
+    def slots_socket_path(self) -> Path:
+        """Where the unit's first gateway process serves the engine's adapter slots to the
+        others (`gateway_processes` > 1)."""
+        return self.unit_home / "slots.sock"
 
     @property
     def engine_log_path(self) -> Path:
