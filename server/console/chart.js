@@ -11,10 +11,17 @@ function svg(tag, attrs = {}, text) {
   return el;
 }
 
-function ticks(lo, hi, n = 5) {
-  if (hi === lo) return [lo];
-  const step = (hi - lo) / (n - 1);
-  return Array.from({ length: n }, (_, i) => lo + i * step);
+// Round tick values ("nice numbers": steps of 1, 2 or 5 x 10^k) covering [lo, hi].
+function niceTicks(lo, hi, n = 5) {
+  const raw = (hi - lo) / (n - 1);
+  const mag = 10 ** Math.floor(Math.log10(raw));
+  const f = raw / mag;
+  const step = (f <= 1 ? 1 : f <= 2 ? 2 : f <= 5 ? 5 : 10) * mag;
+  const first = Math.floor(lo / step) * step;
+  const count = Math.ceil((hi - first) / step - 1e-9);
+  const digits = Math.max(0, -Math.floor(Math.log10(step)));
+  const values = Array.from({ length: count + 1 }, (_, i) => first + i * step);
+  return { values, digits };
 }
 
 function short(v) {
@@ -26,7 +33,7 @@ function short(v) {
 }
 
 // series: [{name, points: [[x, y], ...]}]; lines: [{name, y}]; xFormat: x -> label
-export function lineChart({ series, lines = [], title = "", xFormat = short, yFormat = short }) {
+export function lineChart({ series, lines = [], title = "", xFormat = short, yFormat = null }) {
   const all = series.flatMap((s) => s.points);
   const ys = [...all.map((p) => p[1]), ...lines.map((l) => l.y)];
   const xs = all.map((p) => p[0]);
@@ -40,18 +47,18 @@ export function lineChart({ series, lines = [], title = "", xFormat = short, yFo
   let [x0, x1] = [Math.min(...xs), Math.max(...xs)];
   let [y0, y1] = [Math.min(...ys), Math.max(...ys)];
   if (x0 === x1) { x0 -= 1; x1 += 1; }
-  if (y0 === y1) { y0 -= 1; y1 += 1; }
-  const margin = (y1 - y0) * 0.05;
-  y0 = Math.max(Math.min(...ys) >= 0 ? 0 : -Infinity, y0 - margin);
-  y1 += margin;
+  if (y0 === y1) { y0 = y0 > 0 ? 0 : y0 - 1; y1 += 1; }
+  const yt = niceTicks(y0, y1);
+  [y0, y1] = [yt.values[0], yt.values[yt.values.length - 1]];
+  const yLabel = yFormat || ((v) => (Math.abs(v) >= 1e4 ? short(v) : v.toFixed(yt.digits)));
   const sx = (x) => PAD.left + ((x - x0) / (x1 - x0)) * (W - PAD.left - PAD.right);
   const sy = (y) => H - PAD.bottom - ((y - y0) / (y1 - y0)) * (H - PAD.top - PAD.bottom);
 
   const axes = svg("g", { class: "axis" });
-  for (const t of ticks(y0, y1)) {
+  for (const t of yt.values) {
     axes.append(svg("line", { x1: PAD.left, x2: W - PAD.right, y1: sy(t), y2: sy(t),
                               class: "grid" }));
-    axes.append(svg("text", { x: PAD.left - 6, y: sy(t) + 4, "text-anchor": "end" }, yFormat(t)));
+    axes.append(svg("text", { x: PAD.left - 6, y: sy(t) + 4, "text-anchor": "end" }, yLabel(t)));
   }
   const xt = [...new Set(xs)].sort((a, b) => a - b);
   const every = Math.max(1, Math.ceil(xt.length / 6));
@@ -72,7 +79,7 @@ export function lineChart({ series, lines = [], title = "", xFormat = short, yFo
                                   points: pts.map(([x, y]) => `${sx(x)},${sy(y)}`).join(" ") }));
     for (const [x, y] of pts.length <= 60 ? pts : []) {
       const dot = svg("circle", { cx: sx(x), cy: sy(y), r: 2.5, class: cls });
-      dot.append(svg("title", {}, `${s.name}: ${xFormat(x)} → ${yFormat(y)}`));
+      dot.append(svg("title", {}, `${s.name}: ${xFormat(x)} → ${yFormat ? yFormat(y) : short(y)}`));
       root.append(dot);
     }
   });

@@ -93,14 +93,26 @@ export function lossSeries(events, checkpoints) {
   return series;
 }
 
-function evalLines(evaluation) {
-  if (!evaluation) return [];
+const KIND_LABEL = { base: "base model", prompted: "prompted baseline", adapter: "adapter" };
+const METRICS = { loss: "loss", exact_match: "exact match", f1: "F1", rouge_l: "ROUGE-L" };
+
+// Held-out losses to draw beside the training loss: from the evaluation report, or from the
+// job's `eval` figures (jobs from before the report existed).
+function evalLines(job) {
   const lines = [];
-  if (typeof evaluation.base_loss === "number") {
-    lines.push({ name: "held-out loss: base model", y: evaluation.base_loss });
+  const report = job.evaluation;
+  if (report) {
+    for (const m of Object.values(report.models || {})) {
+      if (typeof m.loss === "number") {
+        lines.push({ name: `held-out loss: ${KIND_LABEL[m.kind] || m.kind}`, y: m.loss });
+      }
+    }
+    return lines;
   }
-  if (typeof evaluation.adapter_loss === "number") {
-    lines.push({ name: "held-out loss: adapter", y: evaluation.adapter_loss });
+  const ev = job.eval || {};
+  for (const [key, label] of [["base_loss", "base model"], ["prompted_loss", "prompted baseline"],
+                              ["adapter_loss", "adapter"]]) {
+    if (typeof ev[key] === "number") lines.push({ name: `held-out loss: ${label}`, y: ev[key] });
   }
   return lines;
 }
@@ -109,30 +121,64 @@ function num(v, digits = 4) {
   return typeof v === "number" ? v.toFixed(digits) : "-";
 }
 
+function verdict(improved, against) {
+  if (improved === null || improved === undefined) return null;
+  return h("p", { class: improved ? "notice ok" : "notice error",
+                  text: improved ? `The adapter beats ${against} on held-out data.`
+                    : `The adapter does not beat ${against} on held-out data.` });
+}
+
+function lastUser(messages) {
+  const user = [...(messages || [])].reverse().find((m) => m.role === "user");
+  return typeof user?.content === "string" ? user.content : JSON.stringify(user?.content ?? "");
+}
+
+function report(r) {
+  const keys = Object.keys(r.models || {});
+  return h("div", { id: "job-eval" },
+    table([
+      { label: "Model", cell: ([key, m]) => [h("code", { text: m.model }), " ",
+        h("span", { class: "muted", text: KIND_LABEL[m.kind] || m.kind }),
+        key === r.best ? h("span", { class: "badge", text: "best" }) : null] },
+      ...Object.entries(METRICS).map(([metric, label]) => ({
+        label: metric === r.metric ? `${label} ★` : label, cell: ([, m]) => num(m[metric]) })),
+      { label: "Mean output tokens", cell: ([, m]) => num(m.mean_output_tokens, 1) },
+      { label: "Failed", cell: ([, m]) => String(m.failed ?? 0) },
+    ], Object.entries(r.models || {})),
+    verdict(r.improved, "the base model and the prompted baseline"),
+    h("p", { class: "muted", text: `${r.examples} held-out examples; ★ ${r.metric} decides.` }),
+    (r.errors || []).map((e) => h("p", { class: "notice error", text: e })),
+    r.samples?.length ? [h("h3", { text: "Examples side by side" }), table([
+      { label: "Prompt", cell: (s) => lastUser(s.prompt) },
+      { label: "Reference", cell: (s) => s.reference },
+      ...keys.map((k) => ({ label: k, cell: (s) => s.outputs?.[k] ?? "-" })),
+    ], r.samples)] : null);
+}
+
 function evaluation(job) {
+  if (job.evaluation) return report(job.evaluation);
   const ev = job.eval;
   if (!ev) {
     return h("p", { class: "muted", id: "job-eval",
                     text: "The adapter is evaluated against the base model when training ends." });
   }
-  const better = ev.improved ?? (ev.adapter_loss < ev.base_loss);
+  const rows = [["base model", ev.base_loss, ev.base_perplexity],
+                ["prompted baseline", ev.prompted_loss, null],
+                ["adapter", ev.adapter_loss, ev.adapter_perplexity]].filter((r) => r[1] != null);
   return h("div", { id: "job-eval" },
     table([
       { label: "", cell: (r) => r[0] },
       { label: "Held-out loss", cell: (r) => num(r[1]) },
       { label: "Perplexity", cell: (r) => num(r[2], 2) },
-    ], [["base model", ev.base_loss, ev.base_perplexity],
-        ["adapter", ev.adapter_loss, ev.adapter_perplexity]]),
-    h("p", { class: better ? "notice ok" : "notice error",
-             text: better ? "The adapter beats the base model on held-out data."
-               : "The adapter does not beat the base model on held-out data." }),
+    ], rows),
+    verdict(ev.improved ?? (ev.adapter_loss < ev.base_loss), "the base model"),
     ev.holdout_examples ? h("p", { class: "muted",
                                    text: `${ev.holdout_examples} held-out examples` }) : null);
 }
 
 function draw(box, ctx, job, events, checkpoints, refresh) {
   const series = lossSeries(events, checkpoints);
-  const lines = evalLines(job.eval);
+  const lines = evalLines(job);
   const hp = job.hyperparameters || {};
   const out = h("p", { class: "notice" });
   clear(box).append(

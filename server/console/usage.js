@@ -36,8 +36,14 @@ export async function render(main, ctx) {
       if (!groups.has(name(e))) groups.set(name(e), []);
       groups.get(name(e)).push(e);
     }
-    const series = [...groups].map(([n, rows]) => ({
-      name: n, points: rows.map((e) => [Date.parse(e.day) / DAY_MS, e[measure.value]]) }));
+    // Every day of the range is a point (0 where nothing was metered), so a line spans it.
+    const [first, last] = [Date.parse(start.value) / DAY_MS, Date.parse(end.value) / DAY_MS];
+    const series = [...groups].map(([n, rows]) => {
+      const byDay = new Map(rows.map((e) => [Date.parse(e.day) / DAY_MS, e[measure.value]]));
+      const points = [];
+      for (let d = first; d <= last; d++) points.push([d, byDay.get(d) ?? 0]);
+      return { name: n, points };
+    });
     const totals = [...groups].map(([n, rows]) => ({
       name: n, ...Object.fromEntries(MEASURES.map((m) => [m, rows.reduce((s, e) => s + e[m], 0)])) }));
     clear(box).append(

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from selenium.webdriver.common.by import By
 
+from adapters.training.evaluation import EvaluationReport
 from adapters.training.jobs import JobStatus
 from adapters.training.recipe import TrainingRecipe
 from tests.browser.conftest import (
@@ -300,12 +301,23 @@ async def _finished_job(console: ConsoleServer, tenant: str, steps: int) -> str:
             await jobs.add_checkpoint(job.id, step, {"train_loss": loss})
     await jobs.add_event(job.id, f"Line 3 of the file: {HOSTILE}", level="warn")
     figures = {"base_loss": 2.1, "base_perplexity": 8.17, "adapter_loss": 0.9,
-               "adapter_perplexity": 2.46, "holdout_examples": 2, "improved": True}
-    await jobs.add_event(job.id, "Held-out loss: base 2.1000, adapter 0.9000",
+               "adapter_perplexity": 2.46, "prompted_loss": 1.7, "holdout_examples": 2,
+               "improved": True}
+    await jobs.add_event(job.id, "Held-out loss: base 2.1000, prompted 1.7000, adapter 0.9000",
                          type_="metrics", data=figures)
+    models = {"base": {"model": BASE_MODEL, "kind": "base", "loss": 2.1, "f1": 0.2},
+              "prompted": {"model": BASE_MODEL, "kind": "prompted", "loss": 1.7, "f1": 0.4},
+              "pirate@1": {"model": "pirate@1", "kind": "adapter", "loss": 0.9, "f1": 0.8}}
+    report = EvaluationReport.model_validate({
+        "examples": 2, "metric": "loss", "models": models, "best": "pirate@1",
+        "improved": True, "samples": [{
+            "prompt": [{"role": "user", "content": "Where is Paris?"}], "reference": "France",
+            "outputs": {"base": "In France.", "prompted": "France, matey.",
+                        "pirate@1": f"Arr, France {HOSTILE}"}}]})
     assert await jobs.finish(job.id, "console-test", JobStatus.SUCCEEDED, "Job succeeded",
                              fine_tuned_model="pirate@1", trained_tokens=4321,
-                             result={"eval": figures, "run": {}})
+                             result={"eval": figures, "run": {}},
+                             evaluation=report.model_dump())
     return job.id
 
 
@@ -323,9 +335,12 @@ def test_a_job_shows_its_loss_chart_evaluation_and_events(
     ys = [float(p.split(",")[1]) for p in points]
     assert ys == sorted(ys)  # SVG y grows downwards: the loss falls step by step
     refs = {e.get_attribute("data-name") for e in page.all("#loss-chart line.ref")}
-    assert refs == {"held-out loss: base model", "held-out loss: adapter"}
-    assert "2.1000" in page.text_of("#job-eval") and "0.9000" in page.text_of("#job-eval")
-    page.wait_text("#job-eval", "beats the base model")
+    assert refs == {"held-out loss: base model", "held-out loss: prompted baseline",
+                    "held-out loss: adapter"}
+    evaluation = page.text_of("#job-eval")
+    assert all(f in evaluation for f in ("2.1000", "1.7000", "0.9000", "best"))
+    page.wait_text("#job-eval", "beats the base model and the prompted baseline")
+    page.wait_text("#job-eval td", f"Arr, France {HOSTILE}")  # a model's output, as text
     hostile = page.wait_text("#job .event-message", "Line 3 of the file")
     assert hostile.text.endswith(HOSTILE) and not page.all("#job img")
     page.screenshot("09-job-operator")
