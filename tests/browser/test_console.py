@@ -385,6 +385,9 @@ class _Hostile(BaseHTTPRequestHandler):
     target = ""
 
     def do_GET(self) -> None:
+        if self.path == "/frame":
+            self._send(f'<!doctype html><iframe src="{self.target}/console"></iframe>')
+            return
         page = f"""<!doctype html><title>evil</title>
 <form id=f method=POST action="{self.target}/admin/tenants" enctype="text/plain">
 <input name='{{"id":"evil","x":"' value='"}}'></form>
@@ -395,6 +398,9 @@ fetch("{self.target}/admin/tenants", {{method: "POST", credentials: "include",
         () => {{ document.title = "fetch:blocked"; }})
   .finally(() => document.getElementById("f").submit());
 </script>"""
+        self._send(page)
+
+    def _send(self, page: str) -> None:
         body = page.encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/html")
@@ -431,7 +437,12 @@ def test_another_site_cannot_make_state_changing_calls(
     page.driver.get_log("browser")  # the hostile page's own refusals are expected noise
 
 
-def test_the_console_cannot_be_framed_and_loads_nothing_from_elsewhere(page: Page) -> None:
+def test_the_console_cannot_be_framed_and_loads_nothing_from_elsewhere(
+        page: Page, hostile_site: str) -> None:
+    page.driver.get(hostile_site + "frame")
+    page.wait(lambda d: any("frame-ancestors" in e["message"] for e in d.get_log("browser")),
+              "the browser to refuse to frame the console")
+    page.driver.get_log("performance")  # the hostile site's own requests
     page.login_admin("tenants")
     page.find("#tenant-list")
     page.check_health()
