@@ -4,7 +4,8 @@ free loopback port, in a thread, wired in-process to the stand-in engine of
 tests/unit/conftest.py.
 
 - `serve(app)`: any ASGI app under uvicorn on a free loopback port (also used for stand-ins
-  that answer 5xx or are not loraplex at all). It records the path of every HTTP request.
+  that answer 5xx or are not loraplex at all). It records the path of every HTTP request, and
+  while `down` is set answers each with a 503 (a server restarting behind a proxy).
 - `live_gateway(settings, base_model_dir, engine)`: the gateway so served; `call(coro)` runs a
   coroutine on the server's own event loop (the registry's connections belong to it), which
   is how a test plays a training worker.
@@ -29,6 +30,7 @@ from typing import Any, TypeVar
 
 import httpx
 import uvicorn
+from starlette.responses import PlainTextResponse
 
 from server.app import create_app
 from server.services import Services
@@ -59,9 +61,12 @@ class Served:
     url: str
     loop: asyncio.AbstractEventLoop
     paths: list[tuple[str, str]] = field(default_factory=list)  # (method, path) received
+    down: bool = False  # answer every request with a 503, not passed to the app
 
-    def count(self, method: str, path: str) -> int:
-        return sum(1 for seen in list(self.paths) if seen == (method, path))
+    def count(self, method: str, path: str, prefix: bool = False) -> int:
+        """Requests received for `path` (prefix=True: for it or anything under it)."""
+        return sum(1 for m, p in list(self.paths)
+                   if m == method and (p.startswith(path) if prefix else p == path))
 
     def call(self, coro: Coroutine[Any, Any, T], timeout_s: float = 30.0) -> T:
         """Run `coro` on the server's event loop; its result."""
@@ -79,6 +84,9 @@ def serve(app: Any, lifespan: str = "off") -> Iterator[Served]:
     async def recorded(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             served.paths.append((scope["method"], scope["path"]))
+            if served.down:
+                await PlainTextResponse("restarting", status_code=503)(scope, receive, send)
+                return
         await app(scope, receive, send)
 
     server = uvicorn.Server(uvicorn.Config(recorded, log_level="warning", access_log=False,

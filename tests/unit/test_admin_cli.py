@@ -9,9 +9,11 @@ One server serves the whole module; each test works on tenants of its own.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -29,7 +31,14 @@ from starlette.routing import Route
 
 from adapters.training.jobs import JobStatus
 from adapters.training.recipe import TrainingRecipe
-from server.admin_cli.errors import JOB_NOT_SUCCEEDED, OK, REFUSED, UNREACHABLE, USAGE
+from server.admin_cli.errors import (
+    INTERRUPTED,
+    JOB_NOT_SUCCEEDED,
+    OK,
+    REFUSED,
+    UNREACHABLE,
+    USAGE,
+)
 from server.cli import main
 from server.settings import Settings
 from tests.live_gateway import (
@@ -542,6 +551,61 @@ def test_jobs_follow_failed_or_cancelled_exits_4(live: LiveGateway, cli: Cli,
     assert documents[-1]["object"] == "fine_tuning.job" and documents[-1]["status"] == "cancelled"
 
 
+def test_jobs_follow_rides_out_a_server_restart(live: LiveGateway, cli: Cli,
+                                                jobs_tenant: str) -> None:
+    job_id = new_job(live, jobs_tenant)
+    poll = ("GET", f"/admin/fine_tuning/jobs/{job_id}")
+    failure: list[BaseException] = []
+
+    def restart() -> None:
+        try:
+            wait_for(lambda: live.served.count(*poll) >= 2, "following to start")
+            live.served.down = True
+            seen = live.served.count(*poll, prefix=True)
+            wait_for(lambda: live.served.count(*poll, prefix=True) >= seen + 2,
+                     "two refused requests")
+            live.call(live.services.jobs.update_job(job_id, status="running", worker_id="w"))
+            live.call(live.services.jobs.finish(job_id, "w", JobStatus.SUCCEEDED, "Done",
+                                                fine_tuned_model="pirate@9"))
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            failure.append(exc)
+        finally:
+            live.served.down = False
+
+    thread = threading.Thread(target=restart, daemon=True)
+    thread.start()
+    try:
+        result = cli("jobs", "follow", job_id, "--interval", "0.02")
+    finally:
+        live.served.down = False
+        thread.join(30)
+    assert not failure, failure
+    assert result.code == OK, result
+    assert "HTTP 503" in result.err and "retrying" in result.err
+    assert "pirate@9" in result.out and "Done" in result.out
+
+
+def test_installed_script_stops_following_on_ctrl_c(live: LiveGateway, jobs_tenant: str) -> None:
+    job_id = new_job(live, jobs_tenant)  # stays queued: nothing ends it
+    poll = ("GET", f"/admin/fine_tuning/jobs/{job_id}")
+    proc = subprocess.Popen([str(LORAPLEX), "jobs", "follow", job_id, "--interval", "0.02",
+                             "--url", live.url, "--admin-token", ADMIN_TOKEN],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: live.served.count(*poll) >= 3, "following to start")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == INTERRUPTED, (out, err)
+    assert f"Stopped following {job_id}; the job goes on." in err
+    assert "Traceback" not in err
+    assert "Files validated; job queued" in out
+    status = api(live, "GET", f"/admin/fine_tuning/jobs/{job_id}").json()["status"]
+    assert status == "queued"
+
+
 def test_jobs_list_show_events(live: LiveGateway, cli: Cli, jobs_tenant: str) -> None:
     job_id = new_job(live, jobs_tenant)
     listed = cli("jobs", "list", "--tenant", jobs_tenant, "--status", "queued", "--json")
@@ -590,7 +654,7 @@ def test_every_command_reports_a_server_that_is_down(cli: Cli, peft_folder: Path
         assert "Traceback" not in result.err and result.out == ""
 
 
-def _broken_app() -> Starlette:
+def _broken_app(release: asyncio.Event) -> Starlette:
     async def fail(_request: Request) -> Response:
         return JSONResponse({"error": {"message": "database is on fire", "type": "server_error",
                                        "param": None, "code": None}}, status_code=500)
@@ -601,13 +665,24 @@ def _broken_app() -> Starlette:
     async def not_json(_request: Request) -> Response:
         return PlainTextResponse("hello")
 
+    async def hang(_request: Request) -> Response:
+        await release.wait()
+        return PlainTextResponse("too late")
+
     return Starlette(routes=[Route("/admin/tenants", fail, methods=["GET", "POST"]),
                              Route("/admin/engine", not_json),
+                             Route("/admin/fine_tuning/jobs", hang),
                              Route("/admin/tenants/{rest:path}", html, methods=["GET"])])
 
 
 def test_a_broken_server_or_not_loraplex_is_exit_3(cli: Cli) -> None:
-    with serve(_broken_app()) as broken:
+    release = asyncio.Event()
+    with serve(_broken_app(release)) as broken:
+        try:
+            hung = cli("jobs", "list", "--timeout", "0.3", url=broken.url)
+        finally:
+            broken.loop.call_soon_threadsafe(release.set)
+        assert hung.code == UNREACHABLE and "no answer from" in hung.err
         five = cli("tenants", "list", url=broken.url)
         assert five.code == UNREACHABLE and "HTTP 500" in five.err
         assert "database is on fire" in five.err
