@@ -20,7 +20,6 @@ from adapters.base_model import BaseModelInfo
 from adapters.errors import InvalidInput
 from adapters.registration import register_version
 from adapters.registry import AdapterVersion, DeletedVersions, Registry
-from adapters.residency import Residency
 from adapters.s3.store import S3Store
 from adapters.sources import AdapterSources, UploadedFile
 from adapters.store import AdapterStore
@@ -47,13 +46,14 @@ from server.protocol.admin import (
     VersionSource,
 )
 from server.protocol.common import Deleted
+from server.slots import AdapterSlots
 
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
 
 
 class AdminService:
     def __init__(self, *, registry: Registry, store: AdapterStore, sources: AdapterSources,
-                 residency: Residency, readiness: EngineReadiness,
+                 slots: AdapterSlots, readiness: EngineReadiness,
                  pin: Callable[[AdapterVersion], Awaitable[None]], base_info: BaseModelInfo,
                  limits: AdapterLimits, model_name: str, staging_root: Path,
                  engine: EngineClient, engine_process: EngineProcess | None,
@@ -61,7 +61,7 @@ class AdminService:
         self.registry = registry
         self.store = store
         self.sources = sources
-        self.residency = residency
+        self.slots = slots
         self.readiness = readiness
         self._pin = pin  # loads a version into the engine and keeps it there
         self.base_info = base_info
@@ -179,7 +179,7 @@ class AdminService:
 
         async def retire() -> None:
             for engine_name, key in zip(deleted.engine_names, deleted.store_keys, strict=True):
-                await self.residency.retire(engine_name)
+                await self.slots.retire(engine_name)
                 await self.store.delete(key)
 
         self._spawn(retire())
@@ -200,7 +200,7 @@ class AdminService:
 
     async def unpin(self, tenant: str, name: str, version: int) -> AdapterVersionObject:
         row = await self.registry.set_pinned(tenant, name, version, False)
-        await self.residency.unpin(row.engine_name)
+        await self.slots.unpin(row.engine_name)
         return AdapterVersionObject.from_row(row, tenant, name)
 
     async def set_alias(self, tenant: str, name: str, alias: str, version: int) -> AliasObject:
@@ -213,10 +213,10 @@ class AdminService:
 
     # -- engine --------------------------------------------------------------------------------
 
-    def engine_status(self) -> EngineStatus:
+    async def engine_status(self) -> EngineStatus:
         process = self.engine_process
         return EngineStatus(
             url=self.engine.base_url, ready=self.readiness.ready, spawned=process is not None,
             restarts=process.restarts if process else None,
-            adapters=self.residency.snapshot(), store=self.store.description,
+            adapters=await self.slots.snapshot(), store=self.store.description,
             disk_cache=self.store.cache.snapshot() if isinstance(self.store, S3Store) else None)

@@ -10,16 +10,13 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from adapters.errors import InvalidInput, NotFound, Unavailable
 from adapters.names import parse_model_ref
 from adapters.registry import AdapterVersion, KeyOwner, Registry, timestamp
-from adapters.residency import Residency
-from adapters.store import AdapterStore
 from server.admission import FairAdmission
 from server.engine.client import EngineClient, EngineError
 from server.engine.readiness import EngineReadiness
@@ -28,6 +25,7 @@ from server.protocol.openai import GenerationRequest, ModelObject
 from server.quotas.limiter import RateLimiter, Reservation
 from server.quotas.tokens import PromptTokens
 from server.request_log import RequestRecord
+from server.slots import AdapterSlots
 
 # Resolution is cached per gateway: admin changes made here clear it at once, changes made by
 # another gateway or a training worker within a second (`watchers.watch_registry`).
@@ -44,8 +42,8 @@ class Target:
 
 
 class Gateway:
-    def __init__(self, registry: Registry, store: AdapterStore, residency: Residency,
-                 engine: EngineClient, readiness: EngineReadiness, base_model_name: str,
+    def __init__(self, registry: Registry, slots: AdapterSlots, engine: EngineClient,
+                 readiness: EngineReadiness, base_model_name: str,
                  salt_secret: bytes, admission: FairAdmission, limiter: RateLimiter,
                  on_token_gap: Callable[[float], None] | None = None) -> None:
         self.registry = registry
@@ -53,8 +51,7 @@ class Gateway:
         self.limiter = limiter
         self.on_token_gap = on_token_gap  # inter-token latency, for metrics
         self.readiness = readiness
-        self.store = store
-        self.residency = residency
+        self.slots = slots
         self.engine = engine
         self.base_model_name = base_model_name
         self._salt_secret = salt_secret
@@ -81,17 +78,11 @@ class Gateway:
         version = await self.registry.resolve(tenant, ref)
         return Target(version.engine_name, version, ref.adapter)
 
-    def _checkout(self, key: str) -> tuple[Callable[[], Awaitable[Path]], Callable[[], None]]:
-        async def fetch() -> Path:
-            return await self.store.checkout(key)
-
-        return fetch, lambda: self.store.release(key)
-
     def _hold(self, target: Target) -> contextlib.AbstractAsyncContextManager[Any]:
         """Keep the target's adapter loaded in the engine for the request (nothing for base)."""
         if target.version is None:
             return contextlib.nullcontext()
-        return self.residency.use(target.engine_name, *self._checkout(target.version.store_key))
+        return self.slots.hold(target.engine_name, target.version.store_key)
 
     @contextlib.asynccontextmanager
     async def _forgotten(self, target: Target) -> AsyncIterator[None]:
@@ -110,7 +101,7 @@ class Gateway:
 
     async def pin(self, version: AdapterVersion) -> None:
         """Load a version now and keep it resident (preloaded adapters)."""
-        await self.residency.pin(version.engine_name, *self._checkout(version.store_key))
+        await self.slots.pin(version.engine_name, version.store_key)
 
     @contextlib.asynccontextmanager
     async def _admit(self, caller: KeyOwner, req: GenerationRequest, target: Target,

@@ -19,6 +19,7 @@ import httpx
 
 from adapters.base_model import BaseModelInfo, ensure_default_model
 from adapters.disk_cache import DiskCache
+from adapters.errors import Unavailable
 from adapters.registry import Registry
 from adapters.registry.usage import UsageStore
 from adapters.residency import Residency
@@ -45,6 +46,8 @@ from server.quotas.redis_counters import RedisCounters
 from server.quotas.tokens import PromptTokens
 from server.quotas.usage import UsageMeter
 from server.settings import Settings
+from server.slots import AdapterSlots, LocalSlots
+from server.slots_link import RemoteSlots, SlotsServer
 from server.watchers import (
     RegistryWatcher,
     start_from_clean_slate,
@@ -163,7 +166,9 @@ class Services:
     store: AdapterStore
     engine: EngineClient
     readiness: EngineReadiness
-    residency: Residency
+    residency: Residency  # used by the slots' owner only (see `slots`)
+    slots: AdapterSlots
+    slots_server: SlotsServer | None
     gateway: Gateway
     auth: TenantAuth
     admin: AdminService
@@ -202,16 +207,24 @@ class Services:
 
         residency = Residency(engine, settings.max_resident_adapters, settings.adapter_slot_wait_s,
                               on_event=on_residency_event)
-        tiers = {"engine": lambda: {**vars(residency.stats), "resident": len(residency)}}
-        if isinstance(store, S3Store):
-            tiers["disk"] = lambda: vars(store.cache.stats)
-        metrics.watch_adapter_tiers(source, tiers)
-        metrics.slot_waiting.set_function(lambda: residency.waiting)
+        local_slots = LocalSlots(residency, store)
+        slots: AdapterSlots = local_slots
+        slots_server = None
+        if settings.gateway_process_index == 0:  # this process owns the engine's slots
+            tiers = {"engine": lambda: {**vars(residency.stats), "resident": len(residency)}}
+            if isinstance(store, S3Store):
+                tiers["disk"] = lambda: vars(store.cache.stats)
+            metrics.watch_adapter_tiers(source, tiers, lambda: residency.waiting)
+            if settings.gateway_processes > 1:
+                slots_server = SlotsServer(local_slots, settings.slots_socket_path,
+                                           metrics.residency_exposition)
+        else:  # another process of this unit owns them; `residency` stays unused here
+            slots = RemoteSlots(settings.slots_socket_path)
         salt, admin_token = shared_secrets(settings)
         admission = FairAdmission(settings.max_in_flight, settings.tenant_max_in_flight,
                                   settings.tenant_max_queue, settings.admission_wait_s,
                                   settings.admission_policy, settings.fair_output_token_weight)
-        metrics.queued.set_function(lambda: admission.queued)
+        metrics.watch_queue(lambda: admission.queued)
         background = Background()
         counters = build_counters(settings)
         limiter = RateLimiter(
@@ -220,7 +233,7 @@ class Services:
             on_backend_error=metrics.ratelimit_backend_errors.inc,
             on_rejected=lambda tenant, kind: metrics.ratelimit_rejections.labels(
                 tenant, kind).inc())
-        gateway = Gateway(registry, store, residency, engine, readiness, settings.model_name,
+        gateway = Gateway(registry, slots, engine, readiness, settings.model_name,
                           salt.encode(), admission, limiter, on_token_gap=metrics.itl.observe)
         base_info = BaseModelInfo.from_folder(model_path)
         jobs = JobStore(registry, store)
@@ -236,7 +249,7 @@ class Services:
             s3_allowlist=settings.s3_source_allowlist, max_bytes=settings.max_adapter_bytes,
             s3_client=store.client if isinstance(store, S3Store) else None)
         admin = AdminService(
-            registry=registry, store=store, sources=sources, residency=residency,
+            registry=registry, store=store, sources=sources, slots=slots,
             readiness=readiness, pin=gateway.pin, base_info=base_info,
             limits=adapter_limits(settings), model_name=settings.model_name,
             staging_root=settings.home / "tmp", engine=engine, engine_process=process,
@@ -249,7 +262,8 @@ class Services:
                                            "failed_flushes": meter.failed_flushes,
                                            "dropped_requests": meter.dropped_requests})
         services = cls(settings=settings, registry=registry, store=store, engine=engine,
-                       readiness=readiness, residency=residency, gateway=gateway,
+                       readiness=readiness, residency=residency, slots=slots,
+                       slots_server=slots_server, gateway=gateway,
                        auth=auth, admin=admin, fine_tuning=fine_tuning,
                        jobs=jobs, metrics=metrics, admin_token=admin_token,
                        model_path=model_path, engine_process=process, background=background,
@@ -261,6 +275,8 @@ class Services:
     async def start(self) -> None:
         await self.registry.create_schema()
         s = self.settings
+        if self.slots_server is not None:
+            await self.slots_server.start()
         if self.engine_process is not None:
             self._run(self.engine_process.supervise(on_restart=self._on_engine_exit))
         self._run(watch_engine(self.engine, self.readiness, self._on_engine_up,
@@ -278,6 +294,10 @@ class Services:
                 await task
         if self.engine_process is not None:
             await self.engine_process.stop()
+        if self.slots_server is not None:
+            await self.slots_server.close()
+        if isinstance(self.slots, RemoteSlots):
+            await self.slots.aclose()
         await self.engine.aclose()
         await self.gateway.limiter.counters.close()
         await self.usage.close()  # the last flush: a graceful stop loses no usage
@@ -295,5 +315,16 @@ class Services:
         self.metrics.engine_restarts.inc()
         self.readiness.mark_down("the engine process exited")
 
+    async def residency_metrics(self) -> bytes:
+        """The adapter slots' part of a scrape, from their owner (this process or another)."""
+        if isinstance(self.slots, RemoteSlots):
+            try:
+                return await self.slots.metrics_text()
+            except Unavailable:
+                return b""  # the owner is restarting: the rest of the scrape still counts
+        return self.metrics.residency_exposition()
+
     async def _on_engine_up(self) -> None:
+        if self.settings.gateway_process_index != 0:
+            return  # the slots' owner clears the engine and preloads the pins
         await start_from_clean_slate(self.engine, self.residency, self.registry, self.gateway.pin)

@@ -15,4 +15,4 @@ router = APIRouter(prefix="/admin", tags=["admin: engine"], dependencies=[AdminD
 
 @router.get("/engine")
 async def engine_status(admin: AdminServiceDep) -> EngineStatus:
-    return admin.engine_status()
+    return await admin.engine_status()

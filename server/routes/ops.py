@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from adapters.errors import Unavailable
@@ -34,7 +34,8 @@ _PROMETHEUS = {200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "strin
 
 @router.get("/metrics", response_class=Response, responses=_PROMETHEUS)  # type: ignore[arg-type]
 async def metrics(services: ServicesDep) -> Response:
-    return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(services.metrics.exposition() + await services.residency_metrics(),
+                    media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/metrics/engine", response_class=Response,

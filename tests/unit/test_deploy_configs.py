@@ -591,10 +591,13 @@ def exported_metric_names() -> set[str]:
     """Every series name of the gateway's registry, the collectors registered at runtime too."""
     metrics = Metrics()
     metrics.watch_adapter_tiers("s3", {"engine": lambda: {"hits": 0, "resident": 0},
-                                       "disk": lambda: {"fetches": 0, "entries": 0}})
+                                       "disk": lambda: {"fetches": 0, "entries": 0}},
+                                slot_waiting=lambda: 0)
+    metrics.watch_queue(lambda: 0)
     metrics.watch_usage_meter(lambda: {"pending": 0, "failed_flushes": 0, "dropped_requests": 0})
     names = set()
-    for family in metrics.registry.collect():
+    families = [*metrics.registry.collect(), *metrics.live.collect(), *metrics.residency.collect()]
+    for family in families:
         names |= {family.name + suffix for suffix in SUFFIXES.get(family.type, ("",))}
         names |= {sample.name for sample in family.samples}
     return names
