@@ -58,7 +58,7 @@ function show() {
   const result = current[2].render(main, ctx);
   Promise.resolve(result).then((fn) => { if (typeof fn === "function") cleanup = fn; })
     .catch((err) => {
-      if (err instanceof ApiError && err.status === 401) return endSession(err.message);
+      if (err instanceof ApiError && err.status === 401) return;  // "console:unauthorized"
       main.append(h("p", { class: "notice error", text: err.message || String(err) }));
     });
 }

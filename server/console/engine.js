@@ -19,12 +19,14 @@ export async function render(main) {
 
   async function tick() {
     try {
+      if (document.hidden) return;  // a background tab asks nothing; the next tick will
       draw(box, await get("/admin/engine"));
       say(out, `Updated ${new Date().toLocaleTimeString()}; every ${EVERY_MS / 1000} s.`);
     } catch (err) {
       say(out, err.message, "error");
+    } finally {
+      if (!stopped) timer = setTimeout(tick, EVERY_MS);
     }
-    if (!stopped) timer = setTimeout(tick, EVERY_MS);
   }
   await tick();
   return () => {

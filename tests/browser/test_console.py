@@ -113,6 +113,15 @@ def test_operator_creates_a_tenant_and_a_key_shown_once_then_revokes_it(
                                                     "X-Tenant-ID": "acme"})
     assert resp.status_code == 401
 
+    # Delete a tenant (after the confirmation).
+    page.type("#new-tenant", "doomed")
+    page.find("#create-tenant button").click()
+    page.wait_text("#tenant-list td", "doomed")
+    row = page.wait_text("#tenant-list tr", "doomed")
+    next(b for b in row.find_elements(By.TAG_NAME, "button") if b.text == "Delete").click()
+    page.wait_text("#tenants-out", "Deleted tenant doomed")
+    assert console.admin.get("/admin/tenants/doomed").status_code == 404
+
 
 def test_a_wrong_tenant_is_refused_with_the_apis_message(page: Page) -> None:
     page.login_admin("tenants")
@@ -246,6 +255,13 @@ def test_tenant_view_lists_its_models_and_chats_with_its_own_key(
     # The tenant cannot use the operator's pages: the admin API refuses its key.
     resp = console.admin.get("/admin/tenants", headers={"Authorization": f"Bearer {key}"})
     assert resp.status_code == 401
+    # A key revoked while in use: the next call sends the tenant back to the login page.
+    key_id = next(k["id"] for k in keys_of(console, "acme") if key.startswith(k["prefix"])
+                  and k["revoked_at"] is None)
+    assert console.admin.delete(f"/admin/tenants/acme/keys/{key_id}").status_code == 200
+    page.go("models")
+    page.wait_text("#login-out", "invalid API key")
+    assert page.driver.execute_script("return sessionStorage.length") == 0
 
 
 # -- engine, live ------------------------------------------------------------------------------
