@@ -45,9 +45,9 @@ function draw(box, e) {
         card("ready", e.ready ? "yes" : "no"),
         card("restarts", e.restarts ?? "-"),
         card("resident", `${resident.length} / ${a.capacity ?? "?"}`),
-        card("hits", stats.hits), card("loads", stats.loads),
-        card("load failures", stats.load_failures), card("evictions", stats.evictions),
-        card("unloads", stats.unloads)),
+        // Every residency counter the server reports (hits, loads, load failures,
+        // evictions, unloads, and any it adds later).
+        Object.entries(stats).map(([k, v]) => card(k.replaceAll("_", " "), String(v)))),
       h("p", { class: "muted" }, "URL ", h("code", { text: e.url }), " · store ",
         h("code", { text: e.store }), e.spawned ? " · spawned and supervised by loraplex" : "")),
     section("Resident adapters", table([
