@@ -49,6 +49,7 @@ from tests.live_gateway import (
     serve,
     wait_for,
 )
+from tests.s3_server import MotoS3Server, s3_env
 from tests.unit.conftest import ADMIN_TOKEN, BASE_MODEL, FakeEngine, write_adapter
 
 LORAPLEX = Path(sys.executable).parent / "loraplex"
@@ -396,6 +397,48 @@ def test_push_from_s3_and_from_a_server_folder(live: LiveGateway, cli: Cli,
     done = cli("adapters", "push", "s-acme", "bot", str(inside), "--server-path", "--json")
     assert done.code == OK and done.json()["model"] == "bot@1"
     assert done.json()["source"] == f"file://{inside.resolve()}"
+
+
+def test_push_from_an_allowed_s3_prefix(base_model_dir: Path, peft_folder: Path,
+                                        capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch,
+                                        tmp_path: Path) -> None:
+    """A gateway whose store is S3 (moto on loopback) registers from s3:// sources under
+    LORAPLEX_S3_SOURCE_ALLOWLIST: the command sends the URI, the server reads the files."""
+    s3_env(monkeypatch)
+    with MotoS3Server() as s3:
+        bucket = s3.new_bucket()
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            s3.client().upload_file(str(peft_folder / name), bucket, f"team/bot/{name}")
+        settings = Settings(home=tmp_path / "home", admin_token=ADMIN_TOKEN,
+                            engine_url="http://fake-engine", max_lora_rank=16,
+                            store=f"s3://{bucket}/store", s3_endpoint_url=s3.endpoint_url,
+                            s3_source_allowlist=[f"s3://{bucket}/team"],
+                            engine_health_poll_s=3600.0)
+        with live_gateway(settings, base_model_dir, FakeEngine()) as gw:
+            tenant_with_key(gw, "s3-acme")
+            flags = ["--url", gw.url, "--admin-token", ADMIN_TOKEN]
+            code = main(["adapters", "push", "s3-acme", "bot", f"s3://{bucket}/team/bot/",
+                         "--json", *flags])
+            out, err = capsys.readouterr()
+            assert code == OK, err
+            assert json.loads(out)["source"] == f"s3://{bucket}/team/bot/"
+            versions = api(gw, "GET", "/admin/tenants/s3-acme/adapters/bot").json()["versions"]
+            assert [v["version"] for v in versions] == [1]
+
+            outside = f"s3://{bucket}/elsewhere/bot/"
+            code = main(["adapters", "push", "s3-acme", "bot", outside, *flags])
+            result = Result(code, *capsys.readouterr())
+            refused(result, api_error(gw, "POST", "/admin/tenants/s3-acme/adapters/bot/versions",
+                                      json={"source": outside}))
+            assert "HTTP 403" in result.err
+            missing = f"s3://{bucket}/team/nothing/"
+            code = main(["adapters", "push", "s3-acme", "bot", missing, *flags])
+            result = Result(code, *capsys.readouterr())
+            refused(result, api_error(gw, "POST", "/admin/tenants/s3-acme/adapters/bot/versions",
+                                      json={"source": missing}))
+            versions = api(gw, "GET", "/admin/tenants/s3-acme/adapters/bot").json()["versions"]
+            assert [v["version"] for v in versions] == [1]  # nothing half-registered
 
 
 def test_installed_script_pushes_with_a_progress_bar(live: LiveGateway,
