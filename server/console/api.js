@@ -102,6 +102,19 @@ export async function getAll(url, { query = {}, as, pages = 20 } = {}) {
   return items;
 }
 
+// A multipart form (e.g. a dataset for /v1/files), answered with JSON.
+export async function postForm(url, form) {
+  let resp;
+  try {
+    resp = await fetch(url, { method: "POST", headers: authHeaders(credential()), body: form,
+                              credentials: "omit", cache: "no-store" });
+  } catch {
+    throw new ApiError(0, { message: "the server cannot be reached" });
+  }
+  if (!resp.ok) throw await errorOf(resp);
+  return resp.json();
+}
+
 // Multipart upload with progress (fetch reports none for uploads): files sent as one part
 // each, named after the file, as the README's curl does.
 export function upload(url, files, onProgress) {

@@ -2,9 +2,9 @@
 // events, its training loss over steps as a chart, and the held-out evaluation of the
 // adapter against the base model beside it. A running job is refreshed while shown.
 
-import { call, get, getAll, path } from "./api.js";
+import { call, get, getAll, path, postForm } from "./api.js";
 import { legend, lineChart } from "./chart.js";
-import { attempt, button, clear, field, h, section, table, time } from "./dom.js";
+import { append, attempt, button, clear, field, h, say, section, table, time } from "./dom.js";
 
 const FINAL = new Set(["succeeded", "failed", "cancelled"]);
 const STATUSES = ["validating_files", "queued", "running", "succeeded", "failed", "cancelled"];
@@ -44,8 +44,41 @@ async function list(main, ctx) {
     attempt(out, refresh);
   } } }, field("Tenant", tenant), field("Status", status),
     h("button", { type: "submit", text: "Filter" })) : null;
-  main.append(section("Fine-tuning jobs", filters, out, box));
+  append(main, [ctx.role === "tenant" ? newJob(ctx) : null,
+                section("Fine-tuning jobs", filters, out, box)]);
   await refresh();
+}
+
+// Tenant: upload a JSONL dataset and start a job on it (the same calls as the openai SDK's
+// files.create and fine_tuning.jobs.create).
+function newJob(ctx) {
+  const file = h("input", { id: "ft-file", type: "file", accept: ".jsonl,application/jsonl" });
+  const suffix = h("input", { id: "ft-suffix", placeholder: "pirate", maxlength: 40,
+                              autocomplete: "off" });
+  const epochs = h("input", { id: "ft-epochs", type: "number", min: 1, max: 50, value: 3 });
+  const out = h("p", { class: "notice", id: "ft-out" });
+  const submit = h("button", { type: "submit", class: "primary", text: "Start job" });
+  return section("Start a fine-tuning job",
+    h("form", { id: "new-job", on: { submit: async (e) => {
+      e.preventDefault();
+      if (!file.files.length) return say(out, "Pick a JSONL training file first.", "error");
+      submit.disabled = true;
+      await attempt(out, async () => {
+        say(out, "Uploading the training file…");
+        const form = new FormData();
+        form.append("purpose", "fine-tune");
+        form.append("file", file.files[0], file.files[0].name);
+        const uploaded = await postForm("/v1/files", form);
+        const base = (await get("/v1/models")).data.find((m) => !m.parent);
+        const job = await call("POST", "/v1/fine_tuning/jobs", { body: {
+          model: base.id, training_file: uploaded.id, suffix: suffix.value.trim() || undefined,
+          hyperparameters: { n_epochs: Number(epochs.value) || "auto" } } });
+        ctx.navigate("jobs", job.id);
+      });
+      submit.disabled = false;
+    } } }, field("Training file (JSONL)", file), field("Adapter name (suffix)", suffix),
+      field("Epochs", epochs), submit),
+    out);
 }
 
 async function detail(main, ctx, id) {

@@ -338,7 +338,7 @@ async def _finished_job(console: ConsoleServer, tenant: str, steps: int) -> str:
 
 
 def test_a_job_shows_its_loss_chart_evaluation_and_events(
-        page: Page, console: ConsoleServer) -> None:
+        page: Page, console: ConsoleServer, tmp_path: Path) -> None:
     key = ensure_tenant(console, "acme")
     steps = 12
     job_id = console.run(_finished_job(console, "acme", steps))
@@ -368,6 +368,24 @@ def test_a_job_shows_its_loss_chart_evaluation_and_events(
                .get_attribute("points").split()) == steps
     page.screenshot("10-job-tenant")
 
+    # The tenant starts a job of its own: the dataset uploaded, the job created, its page shown.
+    dataset = tmp_path / "train.jsonl"
+    dataset.write_text("\n".join(json.dumps({"messages": [
+        {"role": "user", "content": f"question {i}"},
+        {"role": "assistant", "content": f"Arr matey! answer {i}"}]}) for i in range(12)))
+    page.go("jobs")
+    page.find("#ft-file").send_keys(str(dataset))
+    page.type("#ft-suffix", "parrot")
+    page.type("#ft-epochs", "1")
+    page.find("#new-job button[type=submit]").click()
+    page.wait(lambda d: re.search(r"#/jobs/ftjob-", d.current_url), "the new job's page")
+    new_id = page.driver.current_url.rsplit("/", 1)[1]
+    page.wait_text("#job h2", new_id)
+    job = console.admin.get(f"/admin/fine_tuning/jobs/{new_id}").json()
+    assert job["suffix"] == "parrot" and job["organization_id"] == "acme"
+    assert job["hyperparameters"]["n_epochs"] == 1
+    page.screenshot("11-job-new")
+
 
 # -- usage ---------------------------------------------------------------------------------------
 
@@ -387,12 +405,12 @@ def test_usage_page_charts_tokens_per_tenant_and_per_adapter(
     page.wait(lambda _d: metered(), "the usage to be flushed")
     page.login_admin("usage")
     page.find('#usage-chart polyline[data-name="acme"]')
-    page.screenshot("11-usage-all")
+    page.screenshot("12-usage-all")
     page.select("#usage-tenant", "acme")
     page.find("main form button[type=submit]").click()
     page.find('#usage-chart polyline[data-name="support-bot"]')
     page.wait_text("#usage td", "support-bot")
-    page.screenshot("12-usage-acme")
+    page.screenshot("13-usage-acme")
 
 
 # -- CSRF: another site cannot act for a logged-in operator ----------------------------------
@@ -449,7 +467,7 @@ def test_another_site_cannot_make_state_changing_calls(
     assert body["error"]["type"] == "authentication_error"
     tenants = {t["id"] for t in console.admin.get("/admin/tenants").json()["data"]}
     assert not tenants & {"evil", "evil2"}
-    page.screenshot("13-csrf-refused")
+    page.screenshot("14-csrf-refused")
     page.driver.get_log("browser")  # the hostile page's own refusals are expected noise
 
 
