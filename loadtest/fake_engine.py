@@ -13,7 +13,8 @@ idealised continuous-batching engine running at most N sequences at once; more w
 arrival order, like vLLM's waiting queue. A running request's first token comes
 `--step-ms + --prefill-ms-per-token x prompt tokens` after it gets a slot, each further one
 `--decode-ms` later, whatever the other running requests do. So only who is let in when
-(the gateway's admission) decides the waiting. GET /stats tells the slots' occupancy.
+(the gateway's admission) decides the waiting. GET /stats tells the slots' occupancy and
+the adapter loads and unloads so far.
 
     .venv/bin/python loadtest/fake_engine.py --port 18500 --slots 32 --step-ms 30 \
         --prefill-ms-per-token 0.1 --decode-ms 30
@@ -141,6 +142,8 @@ def build_app(gap_s: float, load_s: float = 0.0, slots: int | None = None,
     CPU, more on a GPU for big adapters). `slots` and `pace`: the capacity model above.
     `load_blocks`: a load holds the engine (one at a time, every stream paused meanwhile)."""
     loras: dict[str, str] = {}
+    loads: dict[str, int] = {}  # runtime loads and unloads per adapter, for GET /stats
+    unloads: dict[str, int] = {}
     load_lock = asyncio.Lock()
     engine_free = asyncio.Event()
     engine_free.set()
@@ -152,7 +155,7 @@ def build_app(gap_s: float, load_s: float = 0.0, slots: int | None = None,
         return Response()
 
     async def stats(_r: Request) -> JSONResponse:
-        return JSONResponse(running.stats())
+        return JSONResponse({**running.stats(), "loads": loads, "unloads": unloads})
 
     async def models(_r: Request) -> JSONResponse:
         data = [{"id": BASE, "object": "model", "parent": None}]
@@ -171,10 +174,13 @@ def build_app(gap_s: float, load_s: float = 0.0, slots: int | None = None,
         else:
             await asyncio.sleep(load_s)
         loras[body["lora_name"]] = body["lora_path"]
+        loads[body["lora_name"]] = loads.get(body["lora_name"], 0) + 1
         return Response()
 
     async def unload(r: Request) -> Response:
-        loras.pop((await r.json())["lora_name"], None)
+        name = (await r.json())["lora_name"]
+        loras.pop(name, None)
+        unloads[name] = unloads.get(name, 0) + 1
         return Response()
 
     async def generate(r: Request) -> Response:

@@ -66,13 +66,27 @@ def _up(settings: Settings, units: int = 1) -> int:
     if units != 1:
         return _up_units(settings, units)
     model_path = _prepare_model(settings)
-    services = Services.build(settings, model_path=model_path)
-    app = create_app(services)
     base = f"http://{settings.host}:{settings.port}"
     engine = settings.engine_url or f"spawned vLLM on loopback (log: {settings.engine_log_path})"
-    _print_banner(settings, f"gateway on {base}, engine: {engine}", services.admin_token,
-                  "the engine is ready")
-    config = _uvicorn_config(app, settings)
+    if settings.gateway_processes > 1:
+        from server.gateway_processes import run_gateway_processes
+        from server.services import shared_secrets
+
+        _, admin_token = shared_secrets(settings)  # before the processes start: they read it
+        _print_banner(settings, f"gateway on {base} ({settings.gateway_processes} processes), "
+                      f"engine: {engine}", admin_token, "the engine is ready")
+
+        def serve() -> int:
+            return run_gateway_processes(settings, model_path)
+    else:
+        services = Services.build(settings, model_path=model_path)
+        config = _uvicorn_config(create_app(services), settings)
+        _print_banner(settings, f"gateway on {base}, engine: {engine}", services.admin_token,
+                      "the engine is ready")
+
+        def serve() -> int:
+            uvicorn.Server(config).run()
+            return 0
     workers = [_spawn_worker(settings, model_path, i) for i in range(settings.workers)]
     stopping = threading.Event()
 
@@ -86,7 +100,7 @@ def _up(settings: Settings, units: int = 1) -> int:
 
     threading.Thread(target=supervise_workers, daemon=True).start()
     try:
-        uvicorn.Server(config).run()
+        return serve()
     finally:
         stopping.set()
         for proc in workers:
@@ -96,7 +110,6 @@ def _up(settings: Settings, units: int = 1) -> int:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    return 0
 
 
 def _up_units(settings: Settings, count: int) -> int:
@@ -135,8 +148,31 @@ def _unit(settings: Settings) -> int:
     settings.home.mkdir(parents=True, exist_ok=True)
     if (failed := _db(settings, "upgrade")) != 0:  # a clear error, not a traceback at start
         return failed
+    if settings.gateway_processes > 1:
+        from server.gateway_processes import run_gateway_processes
+
+        return run_gateway_processes(settings, resolve_model_path(settings))
     services = Services.build(settings, model_path=resolve_model_path(settings))
     uvicorn.Server(_uvicorn_config(create_app(services), settings)).run()
+    return 0
+
+
+def _gateway_process(settings: Settings) -> int:
+    """One gateway process of a unit with several (server/gateway_processes.py), on the
+    socket its unit bound."""
+    from server.app import create_app
+    from server.gateway_processes import listen_fd
+    from server.services import Services, resolve_model_path
+
+    fd = listen_fd()
+    if fd is None:
+        console.print("[bold red]gateway-process[/] is started by `loraplex unit` or "
+                      "`loraplex up` when LORAPLEX_GATEWAY_PROCESSES > 1")
+        return 2
+    services = Services.build(settings, model_path=resolve_model_path(settings))
+    config = _uvicorn_config(create_app(services), settings)
+    config.fd = fd
+    uvicorn.Server(config).run()
     return 0
 
 
@@ -253,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                          "GPUs) behind Envoy on LORAPLEX_PORT; 1 (default): no Envoy")
     sub.add_parser("unit", help="run one serving unit: a gateway and its vLLM engine, no workers")
     sub.add_parser("worker", help="run one training worker (claims fine-tuning jobs)")
+    sub.add_parser("gateway-process", help="(internal) one of a unit's gateway processes, "
+                   "started by `unit` / `up` when LORAPLEX_GATEWAY_PROCESSES > 1")
     db = sub.add_parser("db", help="the registry database schema (Alembic migrations)")
     db.add_argument("action", choices=["upgrade", "current"],
                     help="upgrade: to the newest revision (idempotent, safe concurrently); "
@@ -273,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         return _unit(settings)
     if args.command == "worker":
         return _worker(settings)
+    if args.command == "gateway-process":
+        return _gateway_process(settings)
     if args.command == "db":
         return _db(settings, args.action)
     return 2
