@@ -494,6 +494,12 @@ async def cpu_split_mode(args: argparse.Namespace, workloads: list[tuple[str, li
                          engine: str, url: str, headers: dict[str, str],
                          processes: dict[str, psutil.Process]) -> None:
     """`--cpu-split`: every level and workload at both lengths, then the splits."""
+    # Warm both paths first (connection pools, key and model lookups, first-use imports and
+    # schema builds): the split is of the steady state, not of one-time start-up work.
+    for _name, gw_models, direct_models in workloads:
+        for conc in args.concurrency:
+            await run_level(f"{engine}/v1/chat/completions", {}, direct_models, conc, conc, 2)
+            await run_level(f"{url}/v1/chat/completions", headers, gw_models, conc, conc, 2)
     idle = await idle_rates(processes, IDLE_S)
     rows: list[Summary] = []
     results: list[tuple[str, list[Split]]] = []
