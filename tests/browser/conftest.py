@@ -137,6 +137,9 @@ class ConsoleServer:
             self.engine.app, log_level="warning", access_log=False, lifespan="off",
             timeout_graceful_shutdown=1))
         self.services = Services.build(self.settings, model_path=self.model_dir)
+        # The stand-in base model has no tokenizer: dataset checks run without length checks
+        # (as in the unit tests), and transformers is never imported into the server's loop.
+        self.services.fine_tuning.tokenizer = _no_tokenizer  # type: ignore[method-assign]
         config = uvicorn.Config(create_app(self.services), log_level="warning",
                                 access_log=False, lifespan="on", timeout_graceful_shutdown=2)
         self._server = uvicorn.Server(config)
@@ -166,6 +169,10 @@ class ConsoleServer:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.admin.close()
+
+
+async def _no_tokenizer() -> None:
+    return None
 
 
 def _loopback_socket() -> socket.socket:
