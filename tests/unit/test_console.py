@@ -75,6 +75,12 @@ async def test_unknown_assets_are_404_in_openai_shape_and_never_cached(gw: Gw, u
     assert resp.headers["x-content-type-options"] == "nosniff"
 
 
+async def test_the_console_answers_other_methods_in_openai_shape(gw: Gw) -> None:
+    gw.expect_error(await gw.client.post("/console", data={"x": "1"}), 405)
+    gw.expect_error(await gw.client.delete(f"/console/static/{console_assets().version}/app.js"),
+                    405)
+
+
 def test_the_version_changes_with_any_file(tmp_path: Path) -> None:
     for p in CONSOLE_DIR.iterdir():
         if p.suffix in (".html", ".js", ".css", ".svg"):
