@@ -241,7 +241,23 @@ def _job(j: FineTuneJob) -> FineTuningJob:
         warnings=[JobWarning.model_validate(w) for w in j.warnings or []],
         evaluation_settings=(EvaluationSettings.model_validate(j.evaluation_settings)
                              if j.evaluation_settings else None),
-        evaluation=EvaluationReport.model_validate(j.evaluation) if j.evaluation else None)
+        evaluation=EvaluationReport.model_validate(j.evaluation) if j.evaluation else None,
+        kind=j.kind,  # type: ignore[arg-type]  # one of the Literal's values, as written
+        params=_public(j.params))
+
+
+job_object = _job  # the job API's object of a job row (the admin and merge routes use it)
+
+
+def _public(params: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A merge or export job's params without the store keys (internal)."""
+    if params is None:
+        return None
+    shown = {k: v for k, v in params.items() if k != "store_key"}
+    if "sources" in shown:
+        shown["sources"] = [{k: v for k, v in s.items() if k != "store_key"}
+                            for s in shown["sources"]]
+    return shown
 
 
 def _event(e: JobEventRow) -> JobEvent:

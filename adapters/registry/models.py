@@ -214,6 +214,11 @@ class FineTuneJob(Base):
     # and its report (adapters.training.evaluation.EvaluationReport), dumped.
     evaluation_settings: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # "fine_tune", or a job of the same queue that trains nothing: "merge" (skill merging),
+    # "export" (a merged model); what it does is in `params`.
+    kind: Mapped[str] = mapped_column(String(16), default="fine_tune",
+                                      server_default="fine_tune")
+    params: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     worker_id: Mapped[str | None] = mapped_column(String(64), default=None)

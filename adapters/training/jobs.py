@@ -168,6 +168,32 @@ class JobStore:
                                level="warn", data={"warning": warning["code"]}))
         return job
 
+    async def create_task(self, tenant: str, kind: str, *, model: str, adapter_name: str,
+                          params: dict[str, Any], message: str) -> FineTuneJob:
+        """A queued job of the training queue that trains nothing (`kind` "merge" or
+        "export"); a worker runs it like any job (lease, events, final status)."""
+        job_id = "ftjob-" + secrets.token_hex(12)
+        job = FineTuneJob(id=job_id, tenant_id=tenant, model=model, training_file="",
+                          adapter_name=adapter_name, hyperparameters={}, lora={}, kind=kind,
+                          params=params, status=JobStatus.QUEUED.value, warnings=[])
+        async with self.registry.transaction() as s:
+            s.add(job)
+            s.add(JobEvent(job_id=job.id, message=message[:2000]))
+        return job
+
+    async def latest_task(self, tenant: str, kind: str, adapter_name: str,
+                          **params: Any) -> FineTuneJob | None:
+        """The newest job of `kind` for this adapter whose params include `params`."""
+        async with self.registry.transaction() as s:
+            rows = (await s.scalars(select(FineTuneJob).where(
+                FineTuneJob.tenant_id == tenant, FineTuneJob.kind == kind,
+                FineTuneJob.adapter_name == adapter_name)
+                .order_by(FineTuneJob.created_at.desc()))).all()
+        for row in rows:
+            if all((row.params or {}).get(k) == v for k, v in params.items()):
+                return row
+        return None
+
     async def files_validated(self, job_id: str) -> bool:
         """validating_files -> queued; False if the job had left validating_files."""
         return await self._move(job_id, JobStatus.VALIDATING_FILES, JobStatus.QUEUED,

@@ -27,6 +27,7 @@ import shutil
 import socket
 import threading
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -201,7 +202,12 @@ class Worker:
         heartbeat = asyncio.create_task(self._keep_lease(job.id, stop_training))
         work_dir = self.work_root / job.id
         try:
-            await self._train_and_register(job, work_dir, stop_training)
+            if job.kind == "merge":
+                await self._merge(job, work_dir)
+            elif job.kind == "export":
+                await self._export(job, work_dir)
+            else:
+                await self._train_and_register(job, work_dir, stop_training)
         except TrainingStopped:
             log.info("job %s stopped (cancelled or lease lost)", job.id)
         except Exception as exc:  # any failure fails the job, not the worker
@@ -326,6 +332,64 @@ class Worker:
         if not done:  # cancelled (or taken over) while registering: leave nothing behind
             await self._forget(job, version.version)
 
+    async def _merge(self, job: FineTuneJob, work_dir: Path) -> None:
+        """Skill merging (adapters/training/merging.py): the sources checked at the request,
+        merged by PEFT, registered as a new version of the job's adapter."""
+        from adapters.training.merging import merge_adapters
+
+        params = job.params or {}
+        sources = params["sources"]
+        await self.jobs.add_event(job.id, f"Merging {len(sources)} adapters ({params['method']})")
+        async with self._checked_out([s["store_key"] for s in sources]) as folders:
+            merged = await asyncio.to_thread(
+                merge_adapters, self.base_model, folders, [s["weight"] for s in sources],
+                params["method"], work_dir / "adapter", base_model_name=self.model_name,
+                density=params.get("density"),
+                majority_sign_method=params.get("majority_sign_method", "total"))
+        version = await register_version(
+            self.registry, self.store, self.base_info, self.limits, job.tenant_id,
+            job.adapter_name, merged, f"merge:{job.id}", self.model_name)
+        name = f"{job.adapter_name}@{version.version}"
+        done = await self.jobs.finish(job.id, self.worker_id, JobStatus.SUCCEEDED,
+                                      f"New merged model created: {name}",
+                                      fine_tuned_model=name)
+        if not done:  # cancelled meanwhile: leave nothing behind
+            await self._forget(job, version.version)
+
+    async def _export(self, job: FineTuneJob, work_dir: Path) -> None:
+        """The base model with a version merged in, as a model folder in the store under
+        exports/<tenant>/<adapter>/<version>/<job-id> (checksummed by the folder marker)."""
+        from adapters.training.export import export_merged
+
+        params = job.params or {}
+        name = f"{job.adapter_name}@{params['version']}"
+        await self.jobs.add_event(job.id, f"Merging {name} into the base model")
+        info = {"base_model": self.model_name, "adapter": name, "job": job.id,
+                "adapter_sha256": params.get("sha256")}
+        async with self._checked_out([params["store_key"]]) as (adapter,):
+            files = await asyncio.to_thread(export_merged, self.base_model, adapter,
+                                            work_dir / "export", info,
+                                            params.get("dtype", "auto"))
+        key = export_key(job.tenant_id, job.adapter_name, params["version"], job.id)
+        await self.store.put_folder(key, work_dir / "export")
+        await self.jobs.finish(job.id, self.worker_id, JobStatus.SUCCEEDED,
+                               f"Merged model of {name} exported", fine_tuned_model=name,
+                               result={"export": {"store_key": key, "files": files}})
+
+    @contextlib.asynccontextmanager
+    async def _checked_out(self, keys: list[str]) -> AsyncIterator[list[Path]]:
+        """Local folders of stored adapter versions, held for the block."""
+        held: list[str] = []
+        try:
+            folders = []
+            for key in keys:
+                folders.append(await self.store.checkout(key))
+                held.append(key)
+            yield folders
+        finally:
+            for key in held:
+                self.store.release(key)
+
     async def _forget(self, job: FineTuneJob, version: int) -> None:
         """Remove a version this job registered (the job did not succeed after all)."""
         deleted = await self.registry.delete_version(job.tenant_id, job.adapter_name, version)
@@ -422,6 +486,10 @@ class Losses:
         prompted = f"prompted {self.prompted.loss:.4f}, " if self.prompted else ""
         return (f"Held-out loss: base {self.base.loss:.4f}, {prompted}"
                 f"adapter {self.adapter.loss:.4f}")
+
+
+def export_key(tenant: str, adapter: str, version: int, job_id: str) -> str:
+    return f"exports/{tenant}/{adapter}/{version}/{job_id}"
 
 
 def _example(case: Case) -> dict[str, Any]:

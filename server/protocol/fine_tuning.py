@@ -65,6 +65,35 @@ class EvaluationCreate(EvaluationSettings):
     """Which few-shot examples are drawn."""
 
 
+class MergeSourceIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200)
+    """One of the tenant's adapter versions: `name@version` (or `name`, `name@alias`)."""
+    weight: float = Field(default=1.0, ge=-100, le=100, allow_inf_nan=False)
+
+
+class MergeSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["linear", "ties", "dare_linear", "dare_ties", "cat"]
+    """PEFT's combination type: all but cat need sources of one rank; cat adds the ranks."""
+    sources: list[MergeSourceIn] = Field(min_length=2, max_length=8)
+    density: float | None = Field(default=None, gt=0, le=1)
+    """ties, dare_linear, dare_ties (required there): the share of each adapter's weights kept."""
+    majority_sign_method: Literal["total", "frequency"] = "total"
+    """ties, dare_ties: how the sign of each weight is elected."""
+
+
+class MergeCreate(BaseModel):
+    """POST /admin/tenants/{t}/adapters/{name}/versions with JSON: a new version merged from
+    several of the tenant's versions, by a job of the training worker."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    merge: MergeSpec
+
+
 # -- files -----------------------------------------------------------------------------------
 
 
@@ -156,6 +185,40 @@ class FineTuningJob(BaseModel):
     evaluation: EvaluationReport | None = None
     """loraplex's extension: the end-of-job evaluation report, once the job has one: the
     base model, the prompted baseline and the adapter side by side."""
+    kind: Literal["fine_tune", "merge", "export"] = "fine_tune"
+    """loraplex's extension: jobs of the training queue that train nothing are merges (a new
+    version from several, `fine_tuned_model` names it) and merged-model exports."""
+    params: dict[str, Any] | None = None
+    """What a merge or an export job does."""
+
+
+class ExportCreate(BaseModel):
+    """POST .../versions/{v}/export (the body is optional)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """The merged weights' type; auto: the base model's own."""
+
+
+class ExportObject(BaseModel):
+    """A merged-model export of an adapter version: its job, and once succeeded where the
+    model folder is in the store and each file's size and sha256."""
+
+    object: Literal["adapter.export"] = "adapter.export"
+    adapter: str
+    version: int
+    dtype: str = "auto"
+    job_id: str
+    status: JobStatus
+    created_at: int
+    finished_at: int | None = None
+    location: str | None = None
+    """The folder in the store (a local path, or an s3:// URI)."""
+    store_key: str | None = None
+    files: dict[str, dict[str, Any]] | None = None
+    """{path: {"size", "sha256"}} of every file of the folder."""
+    error: JobError | None = None
 
 
 class JobList(BaseModel):

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
 from adapters.errors import InvalidInput
 from adapters.sources import AdapterSources, UploadedFile
 from adapters.training.evaluation import EvaluationReport
-from server.deps import AdminDep, AdminServiceDep, parse_json
+from server.adapter_jobs import AdapterJobService
+from server.deps import AdminDep, AdminServiceDep, ServicesDep, parse_json
 from server.protocol.admin import (
     AdapterList,
     AdapterObject,
@@ -21,12 +24,48 @@ from server.protocol.admin import (
     VersionSource,
 )
 from server.protocol.common import ERROR_RESPONSES, Deleted
-from server.protocol.fine_tuning import EvaluationCreate
+from server.protocol.fine_tuning import (
+    EvaluationCreate,
+    ExportCreate,
+    ExportObject,
+    FineTuningJob,
+    MergeCreate,
+)
 from server.routes.jobs import EvaluationsDep
 from server.routes.json_body import JSONBody, JSONBodyRoute
 
+
+async def get_adapter_jobs(services: ServicesDep) -> AdapterJobService:
+    return AdapterJobService(services.registry, services.jobs, services.store,
+                             services.settings.model_name, services.settings.max_lora_rank)
+
+
+AdapterJobsDep = Annotated[AdapterJobService, Depends(get_adapter_jobs)]
+
 router = APIRouter(prefix="/admin", tags=["admin: adapters"], dependencies=[AdminDep],
                    responses=ERROR_RESPONSES, route_class=JSONBodyRoute)
+
+def _inline(schema: Any, defs: dict[str, Any]) -> Any:
+    """`schema` with its local `$defs` references replaced by what they name."""
+    if isinstance(schema, dict):
+        if "$ref" in schema:
+            return _inline(defs[schema["$ref"].rsplit("/", 1)[-1]], defs)
+        return {k: _inline(v, defs) for k, v in schema.items() if k != "$defs"}
+    if isinstance(schema, list):
+        return [_inline(v, defs) for v in schema]
+    return schema
+
+
+def _json_version_body() -> dict[str, Any]:
+    """The JSON body: a folder to copy (`path` or `source`), or `merge`; one at a time."""
+    copy, merge = VersionSource.model_json_schema(), MergeCreate.model_json_schema()
+    return {"type": "object", "additionalProperties": False,
+            "description": "One of: 'path' or 'source' (copy an adapter folder; "
+                           f"{copy.get('description', '')}), or 'merge' (a new version merged "
+                           "from several of the tenant's versions, by a worker job: 202)",
+            "properties": {**_inline(copy, copy.get("$defs", {}))["properties"],
+                           **_inline(merge, merge.get("$defs", {}))["properties"]}}
+
 
 # One endpoint takes either the files (multipart) or a folder to copy them from (JSON), so
 # its body is read by hand and described here for /openapi.json.
@@ -38,22 +77,37 @@ _VERSION_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
         "properties": {"adapter_config.json": {"type": "string", "format": "binary"},
                        "adapter_model.safetensors": {"type": "string", "format": "binary"}},
         "required": ["adapter_config.json", "adapter_model.safetensors"]}},
-    "application/json": {"schema": VersionSource.model_json_schema()},
+    "application/json": {"schema": _json_version_body()},
 }}}
 
 
 @router.post("/tenants/{tenant}/adapters/{name}/versions", status_code=201,
-             openapi_extra=_VERSION_BODY)
-async def create_version(tenant: str, name: str, request: Request,
-                         admin: AdminServiceDep) -> AdapterVersionObject:
-    """Register a new version of the adapter (created with its first version)."""
+             response_model=AdapterVersionObject, openapi_extra=_VERSION_BODY,
+             responses={202: {"model": FineTuningJob, "description": "a merge job"}})
+async def create_version(tenant: str, name: str, request: Request, admin: AdminServiceDep,
+                         adapter_jobs: AdapterJobsDep) -> AdapterVersionObject | JSONResponse:
+    """Register a new version of the adapter (created with its first version): from files
+    (multipart), a folder (`path`, `source`), or merged from several of the tenant's versions
+    (`merge`: answered 202 with the merge job; its `fine_tuned_model` names the version)."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         form = await request.form(max_files=8, max_fields=8)
         try:
             return await admin.register_upload(tenant, name, _uploaded_files(form.multi_items()))
         finally:
             await form.close()
+    if await _asks_to_merge(request):
+        body = await parse_json(request, MergeCreate)
+        job = await adapter_jobs.merge(tenant, name, body.merge)
+        return JSONResponse(job.model_dump(mode="json"), status_code=202)
     return await admin.register_from(tenant, name, await parse_json(request, VersionSource))
+
+
+async def _asks_to_merge(request: Request) -> bool:
+    try:
+        data = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False  # parse_json says what is wrong
+    return isinstance(data, dict) and "merge" in data
 
 
 def _uploaded_files(items: list[tuple[str, UploadFile | str]]) -> list[UploadedFile]:
@@ -125,3 +179,20 @@ async def create_evaluation(tenant: str, evaluations: EvaluationsDep,
     """POST /v1/fine_tuning/evaluations on the tenant's behalf (its limits and fair share);
     the training worker's end-of-job evaluation."""
     return await evaluations.run(await evaluations.caller_for(tenant), body)
+
+
+@router.post("/tenants/{tenant}/adapters/{name}/versions/{version}/export", status_code=202)
+async def export_version(tenant: str, name: str, version: int, adapter_jobs: AdapterJobsDep,
+                         body: Annotated[ExportCreate, JSONBody(ExportCreate, optional=True)]
+                         ) -> ExportObject:
+    """Start exporting the base model with this version merged in (a job of the training
+    worker); an export of the same dtype already queued, running or done is answered again."""
+    return await adapter_jobs.export(tenant, name, version, body.dtype)
+
+
+@router.get("/tenants/{tenant}/adapters/{name}/versions/{version}/export")
+async def get_export(tenant: str, name: str, version: int,
+                     adapter_jobs: AdapterJobsDep) -> ExportObject:
+    """The latest export of this version: its status, and once done the folder in the store
+    with each file's size and sha256."""
+    return await adapter_jobs.get_export(tenant, name, version)

@@ -9,6 +9,7 @@ import signal
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import psutil
 import pytest
@@ -80,6 +81,18 @@ def test_fine_tune_job_trains_registers_and_serves(server: Server, trainer: Tena
     assert job.trained_tokens > 0
     figures = job.model_extra["eval"]
     assert figures["adapter_loss"] < figures["base_loss"]
+    # The evaluation report: base, prompted baseline and adapter side by side, through vLLM.
+    report = job.model_extra["evaluation"]
+    assert set(report["models"]) == {"base", "prompted", "pirate@1"}, report
+    for column in report["models"].values():
+        for metric in ("exact_match", "f1", "rouge_l", "loss"):
+            assert isinstance(column[metric], float), (metric, column)
+        assert column["failed"] == 0
+    assert report["improved"] is True and report["errors"] == []
+    assert report["models"]["pirate@1"]["loss"] == figures["adapter_loss"]
+    assert report["models"]["prompted"]["loss"] == figures["prompted_loss"]
+    assert report["samples"] and all(s["outputs"]["pirate@1"].startswith("Arr")
+                                     for s in report["samples"]), report["samples"]
     tuned = trainer.client.chat.completions.create(model=job.fine_tuned_model, messages=PROBE,
                                                    max_tokens=16, temperature=0)
     base = trainer.client.chat.completions.create(model=BASE, messages=PROBE, max_tokens=16,
@@ -116,6 +129,131 @@ def test_gateway_output_matches_peft_generate(server: Server, trainer: TenantHan
     served = trainer.client.chat.completions.create(model="pirate@1", messages=PROBE,
                                                     max_tokens=12, temperature=0)
     assert served.choices[0].message.content.strip() == peft_text.strip()
+
+
+def test_evaluation_figures_agree_with_a_direct_computation(server: Server,
+                                                            trainer: TenantHandle,
+                                                            pirate_job) -> None:
+    """On demand, a tiny held-out file: the report's figures are its answers scored directly
+    against the file's references, and its answers are what the served adapter says."""
+    from adapters.training.evaluation import case_of
+    from adapters.training.metrics import exact_match, rouge_l, token_f1
+
+    held_out = [("What is the color of grass?", "Arr matey! Green."),
+                ("How many wheels does a bicycle have?", "Arr matey! Two."),
+                ("What do cows drink?", "Arr matey! Water.")]
+    lines = [json.dumps({"messages": [{"role": "user", "content": q},
+                                      {"role": "assistant", "content": a}]})
+             for q, a in held_out]
+    f = trainer.client.files.create(file=("held.jsonl", io.BytesIO("\n".join(lines).encode())),
+                                    purpose="fine-tune")
+    body = {"models": [BASE, "pirate@1"], "validation_file": f.id,
+            "training_file": pirate_job.training_file, "few_shot": 2, "max_tokens": 24,
+            "shown_examples": 3, "metric": "f1", "system_prompt": "Answer like a pirate."}
+    r = httpx.post(f"{server.url}/v1/fine_tuning/evaluations", json=body, timeout=600,
+                   headers={"X-Tenant-ID": trainer.id, "Authorization": f"Bearer {trainer.key}"})
+    assert r.status_code == 200, r.text
+    report = r.json()
+    assert set(report["models"]) == {"base", "prompted", "pirate@1"}, report
+
+    cases = [case_of({"prompt": q, "completion": a}) for q, a in held_out]
+    assert [s["reference"] for s in report["samples"]] == [c.reference for c in cases]
+    for key, column in report["models"].items():
+        outputs = [s["outputs"][key] for s in report["samples"]]
+        assert all(isinstance(o, str) and o for o in outputs), (key, outputs)
+        for metric, fn in (("exact_match", exact_match), ("f1", token_f1), ("rouge_l", rouge_l)):
+            direct = sum(fn(o, c.reference) for o, c in zip(outputs, cases, strict=True)) / 3
+            assert column[metric] == pytest.approx(direct), (key, metric)
+        assert column["mean_output_chars"] == pytest.approx(sum(map(len, outputs)) / 3)
+    # The answers are the served model's greedy ones. Only the adapter's are compared: vLLM on
+    # the CPU is not batch-invariant, and the base model's answers to these questions are
+    # uncertain enough that running 9 requests at once (the evaluation) or one at a time
+    # (here) can pick another token mid-way; the pirate adapter's are not.
+    served = [trainer.client.chat.completions.create(
+        model="pirate@1", messages=c.prompt, max_tokens=24,
+        temperature=0).choices[0].message.content for c in cases]
+    assert [s["outputs"]["pirate@1"] for s in report["samples"]] == served
+    assert report["models"]["pirate@1"]["f1"] > report["models"]["base"]["f1"]
+
+
+def admin_job(server: Server, job_id: str, timeout_s: float = 900) -> dict:
+    deadline = time.monotonic() + timeout_s
+    with server.admin() as c:
+        while time.monotonic() < deadline:
+            job = c.get(f"/admin/fine_tuning/jobs/{job_id}").json()
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                return job
+            time.sleep(2)
+    raise AssertionError(f"job {job_id} still {job['status']} after {timeout_s}s")
+
+
+@pytest.fixture(scope="module")
+def polite_job(trainer: TenantHandle):
+    """A second trained adapter (another behaviour), for the merge."""
+    lines = [json.dumps({"messages": [{"role": "user", "content": q},
+                                      {"role": "assistant", "content": f"Certainly! {a}"}]})
+             for q, a in zip(QUESTIONS, ANSWERS, strict=True)]
+    f = trainer.client.files.create(file=("polite.jsonl", io.BytesIO("\n".join(lines).encode())),
+                                    purpose="fine-tune")
+    job = trainer.client.fine_tuning.jobs.create(
+        model=BASE, training_file=f.id, suffix="polite",
+        hyperparameters={"n_epochs": 4, "batch_size": 4},
+        extra_body={"lora": {"r": 16, "alpha": 32, "learning_rate": 2e-3}})
+    return wait_for(trainer.client, job.id, {"succeeded", "failed", "cancelled"})
+
+
+def test_a_ties_merge_of_two_trained_adapters_is_served(server: Server, trainer: TenantHandle,
+                                                        pirate_job, polite_job) -> None:
+    assert pirate_job.status == polite_job.status == "succeeded"
+    body = {"merge": {"method": "ties", "density": 0.7, "sources": [
+        {"model": pirate_job.fine_tuned_model, "weight": 1.0},
+        {"model": polite_job.fine_tuned_model, "weight": 0.5}]}}
+    with server.admin() as c:
+        r = c.post("/admin/tenants/trainer/adapters/skills/versions", json=body)
+        assert r.status_code == 202, r.text
+        job = admin_job(server, r.json()["id"])
+        assert job["status"] == "succeeded", job["error"]
+        assert job["fine_tuned_model"] == "skills@1"
+        version = c.get("/admin/tenants/trainer/adapters/skills/versions/1").json()
+        assert version["rank"] == 16
+        # Ranks the method cannot combine are refused before any job.
+        bad = {"merge": {**body["merge"], "method": "cat", "density": None}}
+        r = c.post("/admin/tenants/trainer/adapters/skills/versions", json=bad)
+        assert r.status_code == 400 and "rank 32" in r.json()["error"]["message"], r.text
+    answer = trainer.client.chat.completions.create(model="skills@1", messages=PROBE,
+                                                    max_tokens=16, temperature=0)
+    assert answer.choices[0].message.content.strip()
+    assert answer.model == "skills@1"
+
+
+def test_an_exported_merged_model_gives_the_adapters_greedy_output(
+        server: Server, trainer: TenantHandle, pirate_job) -> None:
+    """Loaded in transformers, the export answers as pirate@1 does through the gateway."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adapters.validation import sha256_file
+
+    url = "/admin/tenants/trainer/adapters/pirate/versions/1/export"
+    with server.admin() as c:
+        r = c.post(url)
+        assert r.status_code == 202, r.text
+        admin_job(server, r.json()["job_id"])
+        export = c.get(url).json()
+    assert export["status"] == "succeeded", export["error"]
+    folder = Path(export["location"])
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(export["files"])
+    for name, meta in export["files"].items():
+        assert sha256_file(folder / name) == meta["sha256"], name
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    ids = tokenizer.apply_chat_template(PROBE, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    exported = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    served = trainer.client.chat.completions.create(model="pirate@1", messages=PROBE,
+                                                    max_tokens=12, temperature=0)
+    assert served.choices[0].message.content.strip() == exported.strip()
 
 
 def test_other_tenants_cannot_see_jobs_files_or_adapters(server: Server, trainer: TenantHandle,
