@@ -65,7 +65,8 @@ export async function render(main, ctx) {
             await call("DELETE", path("admin", "tenants", tenant, "keys", k.id));
             await showKeys(tenant);
           }), "danger") },
-      ], keys, "No keys yet.")));
+      ], keys, "No keys yet.")),
+    await limitsSection(tenant));
   }
 
   main.append(
@@ -84,4 +85,30 @@ export async function render(main, ctx) {
     keysBox);
   await refresh();
   if (ctx.arg) await showKeys(ctx.arg);
+}
+
+const LIMITS = [["requests_per_minute", "Requests / min"], ["tokens_per_minute", "Tokens / min"],
+                ["max_in_flight", "In flight"], ["max_tokens", "Max tokens"], ["weight", "Weight"]];
+
+// A tenant's limits (empty = unlimited; PUT replaces them all) and its fair-share weight.
+async function limitsSection(tenant) {
+  const url = path("admin", "tenants", tenant, "limits");
+  const current = await get(url);
+  const out = h("p", { class: "notice", id: "limits-out" });
+  const inputs = Object.fromEntries(LIMITS.map(([k]) => [k, h("input", {
+    type: "number", min: k === "weight" ? 0.01 : 1, step: k === "weight" ? 0.01 : 1,
+    placeholder: k === "weight" ? "1" : "unlimited", value: current[k] ?? "",
+    "data-limit": k })]));
+  return section(`Limits of ${tenant}`,
+    h("form", { id: "limits", on: { submit: async (e) => {
+      e.preventDefault();
+      const body = Object.fromEntries(LIMITS.map(([k]) => [k, inputs[k].value === "" ? null
+        : Number(inputs[k].value)]));
+      await attempt(out, async () => {
+        await call("PUT", url, { body });
+        say(out, "Limits saved.", "ok");
+      });
+    } } }, LIMITS.map(([k, label]) => field(label, inputs[k])),
+      h("button", { type: "submit", text: "Save limits" })),
+    out);
 }

@@ -113,6 +113,16 @@ def test_operator_creates_a_tenant_and_a_key_shown_once_then_revokes_it(
                                                     "X-Tenant-ID": "acme"})
     assert resp.status_code == 401
 
+    # Limits: set two, the rest unlimited; a bad one is refused with the API's message.
+    page.type('#limits [data-limit="requests_per_minute"]', "60")
+    page.type('#limits [data-limit="weight"]', "2")
+    page.find("#limits button").click()
+    page.wait_text("#limits-out", "Limits saved.")
+    limits = console.admin.get("/admin/tenants/acme/limits").json()
+    assert limits["requests_per_minute"] == 60 and limits["weight"] == 2
+    assert limits["tokens_per_minute"] is None
+    assert console.admin.put("/admin/tenants/acme/limits", json={}).status_code == 200
+
     # Delete a tenant (after the confirmation).
     page.type("#new-tenant", "doomed")
     page.find("#create-tenant button").click()
