@@ -490,6 +490,12 @@ def test_the_console_cannot_be_framed_and_loads_nothing_from_elsewhere(
     page.login_admin("tenants")
     page.find("#tenant-list")
     page.check_health()
+    # Trusted Types are enforced: an HTML string given to innerHTML throws, nothing is parsed.
+    outcome = page.driver.execute_script(
+        "try { document.getElementById('main').innerHTML = '<img src=x>'; return 'parsed'; }"
+        " catch (e) { return e.name; }")
+    assert outcome == "TypeError" and not page.all("#main img")
+    page.driver.get_log("browser")  # the refusal is logged: expected
     origin = page.server.url
     assert page.requested and all(
         u.startswith(origin) or u.startswith("data:") for u in page.requested), page.requested
