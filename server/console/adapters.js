@@ -10,6 +10,7 @@ export async function tenantPicker(ctx, onPick, id = "tenant-pick") {
     h("option", { value: "", text: tenants.length ? "choose a tenant" : "no tenants yet" }),
     tenants.map((t) => h("option", { value: t.id, text: t.id })));
   if (ctx.arg && tenants.some((t) => t.id === ctx.arg)) select.value = ctx.arg;
+  else if (tenants.length === 1) select.value = tenants[0].id;
   return select;
 }
 
@@ -90,7 +91,12 @@ function uploadForm(tenant, onDone) {
   const name = h("input", { id: "upload-name", placeholder: "support-bot", required: true,
                             maxlength: 64, autocomplete: "off" });
   const files = h("input", { id: "upload-files", type: "file", multiple: true });
-  const folder = h("input", { id: "upload-folder", type: "file", webkitdirectory: true });
+  // A picked folder names the adapter, unless a name was typed.
+  const folder = h("input", { id: "upload-folder", type: "file", webkitdirectory: true, on: {
+    change: () => {
+      const first = folder.files[0]?.webkitRelativePath?.split("/")[0];
+      if (first && !name.value.trim()) name.value = first;
+    } } });
   const progress = h("progress", { max: 1, value: 0, hidden: true });
   const out = h("p", { class: "notice", id: "upload-out" });
   const submit = h("button", { type: "submit", class: "primary", text: "Upload" });
