@@ -296,6 +296,7 @@ class Page:
         self.secrets.append(key)
         self.open()
         self.find('.tabs button[data-role="tenant"]').click()
+        assert self.find("#login-tenant").is_displayed()
         self.type("#login-tenant", tenant)
         self.type("#login-token", key)
         self.find("#login-submit").click()
