@@ -213,6 +213,9 @@ def console(tmp_path_factory: pytest.TempPathFactory,
 @pytest.fixture(scope="session")
 def browser() -> Iterator[WebDriver]:
     binary, driver_path = _chromium()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for old in ARTIFACTS.glob("*.png"):  # this run's screenshots only
+        old.unlink()
     options = webdriver.ChromeOptions()
     options.binary_location = binary
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
