@@ -71,6 +71,12 @@ def pytest_report_header() -> str:
     return f"console screenshots: {ARTIFACTS}"
 
 
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    shots = sorted(ARTIFACTS.glob("*.png")) if ARTIFACTS.is_dir() else []
+    if shots:
+        terminalreporter.write_line(f"console screenshots ({len(shots)}): {ARTIFACTS}")
+
+
 class ScriptedEngine(FakeEngine):
     """The unit tests' stand-in engine, with a different streamed answer for the adapter
     (hostile markup inside) and the base model; `release` cleared holds every stream after
