@@ -110,14 +110,20 @@ def adapter_limits(settings: Settings) -> AdapterLimits:
 
 
 def tokenizer_loader(model_path: Path) -> Callable[[], Awaitable[Any]]:
-    """Loads the base model's tokenizer (for dataset checks) once, on first use."""
+    """Loads the base model's tokenizer (for dataset checks) once, on first use. Importing
+    transformers takes seconds: that happens in the worker thread too, off the event loop."""
     loaded: list[Any] = []
+    once = asyncio.Lock()
+
+    def read() -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(model_path))
 
     async def load() -> Any:
-        if not loaded:
-            from transformers import AutoTokenizer
-
-            loaded.append(await asyncio.to_thread(AutoTokenizer.from_pretrained, str(model_path)))
+        async with once:
+            if not loaded:
+                loaded.append(await asyncio.to_thread(read))
         return loaded[0]
 
     return load
