@@ -281,7 +281,13 @@ def _db(settings: Settings, action: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="loraplex", description=__doc__,
+        epilog="Admin commands (tenants, keys, adapters, jobs, engine) talk to a running server "
+               "(--url / LORAPLEX_URL, --admin-token / LORAPLEX_ADMIN_TOKEN) and exit 0 done, "
+               "1 refused (the API's 4xx, or the local adapter check), 2 usage, 3 server "
+               "unreachable or 5xx, 4 `jobs follow`: the job failed or was cancelled, "
+               "130 interrupted.")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="run the gateway, a supervised vLLM engine and training workers")
     up.add_argument("--units", type=int, default=1, metavar="N",
