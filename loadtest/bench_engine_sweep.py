@@ -143,6 +143,10 @@ def end_leftovers(processes: list[psutil.Process]) -> None:
     """SIGKILL any process of our engine that outlived `loraplex up` (orphaned vLLM workers
     ignore SIGTERM). psutil names each by pid and start time, so a reused pid is never hit."""
     alive = [p for p in processes if p.is_running()]
+    names = []
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            names.append(f"{p.pid} {p.name()}")
     for p in alive:
         with contextlib.suppress(psutil.Error):
             p.kill()
@@ -150,7 +154,8 @@ def end_leftovers(processes: list[psutil.Process]) -> None:
     if still:
         print(f"  WARNING: engine processes {[p.pid for p in still]} survived SIGKILL")
     elif alive:
-        print(f"  killed {len(alive)} leftover engine processes")
+        print(f"  killed {len(alive)} engine processes left after `loraplex up` exited: "
+              f"{', '.join(names)}")
 
 
 async def fill(url: str, headers: dict[str, str], models: list[str], concurrency: int) -> None:
