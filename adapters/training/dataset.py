@@ -321,6 +321,33 @@ def collate(features: list[tuple[list[int], list[int]]], pad_token_id: int) -> d
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def flatten(features: list[tuple[list[int], list[int]]]) -> dict[str, Any]:
+    """A batch as one row with no padding (padding-free packing, as TRL's
+    DataCollatorWithFlattening): the examples one after another, position ids restarting at
+    each, and a block-diagonal causal attention mask (batch, 1, T, T) so that none attends to
+    another. The first token of each example gets label -100: it is not predicted from the
+    example before. Same (prediction, target) pairs, hence the same loss, as `collate`, without
+    computing the padding; `tokens` counts them (there is no padding to leave out)."""
+    import torch
+
+    input_ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for ids, labs in features:
+        input_ids += ids
+        labels += [IGNORE_INDEX, *labs[1:]]
+        positions += range(len(ids))
+    total = len(input_ids)
+    segment = torch.repeat_interleave(torch.arange(len(features)),
+                                      torch.tensor([len(ids) for ids, _ in features]))
+    causal = torch.ones(total, total, dtype=torch.bool).tril()
+    mask = causal & (segment[:, None] == segment[None, :])
+    return {"input_ids": torch.tensor([input_ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "attention_mask": mask[None, None], "tokens": total}
+
+
 # --------------------------------------------------------------------------- general mix-in
 
 

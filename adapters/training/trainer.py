@@ -4,8 +4,12 @@ One call, `train(base_model, examples, config, work_dir)`, trains a LoRA adapter
 `work_dir/adapter/` (adapter_config.json + adapter_model.safetensors, what registration takes).
 
 - The loss is the mean cross-entropy over assistant tokens only (labels from
-  `dataset.tokenize_example`, which keep the end-of-turn/eos token in the loss). Batches are
-  right-padded with labels -100 and attention_mask 0, by position (the pad id is the eos id).
+  `dataset.tokenize_example`, which keep the end-of-turn/eos token in the loss). A step's
+  examples are laid end to end in one row without padding (`config.packing`, the default:
+  `dataset.flatten`, position ids restarting per example and a block-diagonal causal mask, as
+  TRL's padding-free packing), which computes the same loss as the padded batch without
+  computing the padding; with packing off they are right-padded with labels -100 and
+  attention_mask 0, by position (the pad id is the eos id).
 - Each epoch visits the examples in an order drawn from `config.seed`; the orders of all epochs
   are drawn up front and stored in every checkpoint.
 - Checkpoints: `work_dir/checkpoints/step-N/` holds the adapter weights (safetensors) and
@@ -39,7 +43,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from adapters.training.dataset import IGNORE_INDEX, collate, to_messages, tokenize_example
+from adapters.training.dataset import (
+    IGNORE_INDEX,
+    collate,
+    flatten,
+    to_messages,
+    tokenize_example,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +93,8 @@ class TrainConfig:
     seed: int = 42
     load_in_4bit: bool = False
     checkpoint_every_steps: int = 10
+    # Padding-free batches (`dataset.flatten`): the same loss, without computing padding.
+    packing: bool = True
     base_model_name: str  # written into adapter_config.json base_model_name_or_path
 
     def __post_init__(self) -> None:
@@ -114,7 +126,8 @@ class TrainConfig:
     def training_fields(self) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed (not where or how often to save)."""
         fields = asdict(self)
-        for key in ("base_model_name", "checkpoint_every_steps"):
+        # packing changes how a batch is computed, not what it computes.
+        for key in ("base_model_name", "checkpoint_every_steps", "packing"):
             fields.pop(key)
         fields["target_modules"] = list(fields["target_modules"])
         return fields
@@ -366,9 +379,12 @@ def save_adapter(model: Any, target: Path, base_model_name: str) -> Path:
 # ------------------------------------------------------------------------------------- train
 
 
-def _batch_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over the label tokens (next-token prediction) and their count."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+def _batch_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over the label tokens (next-token prediction) and their count. A
+    flattened batch (`flatten`) carries its position ids and its 4D mask."""
+    extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   **extra).logits
     targets = batch["labels"][:, 1:]
     logits = logits[:, :-1].float()
     count = int((targets != IGNORE_INDEX).sum())
@@ -390,6 +406,18 @@ def _tokenize_all(tokenizer: Any, examples: list[dict[str, Any]],
         else:
             skipped += 1
     return features, skipped
+
+
+def _batch(features: list[tuple[list[int], list[int]]], pad_id: int, packing: bool,
+           dev: torch.device) -> dict[str, Any]:
+    """A step's batch on `dev`: flattened without padding, or right-padded; `tokens` is its
+    count of real (non-padding) tokens."""
+    if packing:
+        batch = flatten(features)
+    else:
+        batch = collate(features, pad_id)
+        batch["tokens"] = int(batch["attention_mask"].sum())
+    return {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def train(base_model: Path, examples: list[dict[str, Any]], config: TrainConfig, work_dir: Path, *,
@@ -452,7 +480,7 @@ def train(base_model: Path, examples: list[dict[str, Any]], config: TrainConfig,
         step = state["step"]
         epoch, index = divmod(step, steps_per_epoch)
         order = state["orders"][epoch][index * config.batch_size:(index + 1) * config.batch_size]
-        batch = {k: v.to(dev) for k, v in collate([features[i] for i in order], pad_id).items()}
+        batch = _batch([features[i] for i in order], pad_id, config.packing, dev)
         loss, _ = _batch_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
@@ -461,7 +489,7 @@ def train(base_model: Path, examples: list[dict[str, Any]], config: TrainConfig,
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        tokens = int(batch["attention_mask"].sum())
+        tokens = int(batch["tokens"])
         run_tokens += tokens
         state["step"] = step + 1
         state["epoch"] = epoch + 1
