@@ -321,31 +321,47 @@ def collate(features: list[tuple[list[int], list[int]]], pad_token_id: int) -> d
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def flatten(features: list[tuple[list[int], list[int]]]) -> dict[str, Any]:
-    """A batch as one row with no padding (padding-free packing, as TRL's
-    DataCollatorWithFlattening): the examples one after another, position ids restarting at
-    each, and a block-diagonal causal attention mask (batch, 1, T, T) so that none attends to
-    another. The first token of each example gets label -100: it is not predicted from the
-    example before. Same (prediction, target) pairs, hence the same loss, as `collate`, without
-    computing the padding; `tokens` counts them (there is no padding to leave out)."""
+PACKED_ROW_TOKENS = 2048
+"""Longest packed row (unless one example is longer): the attention mask is rows x T x T."""
+
+
+def flatten(features: list[tuple[list[int], list[int]]],
+            row_tokens: int = PACKED_ROW_TOKENS) -> dict[str, Any]:
+    """A batch with no padding between examples (padding-free packing, as TRL's
+    DataCollatorWithFlattening): the examples laid end to end in as few rows of at most
+    `row_tokens` tokens as their order allows (one row for a usual batch), position ids
+    restarting at each, and a block-diagonal causal attention mask (rows, 1, T, T) so that none
+    attends to another. The first token of each example gets label -100: it is not predicted
+    from the example before. Same (prediction, target) pairs, hence the same loss, as
+    `collate`, without computing the padding; `tokens` counts them. Rows shorter than the
+    longest are padded at the end (label -100, each pad its own segment)."""
     import torch
 
-    input_ids: list[int] = []
-    labels: list[int] = []
-    positions: list[int] = []
-    for ids, labs in features:
-        input_ids += ids
-        labels += [IGNORE_INDEX, *labs[1:]]
-        positions += range(len(ids))
-    total = len(input_ids)
-    segment = torch.repeat_interleave(torch.arange(len(features)),
-                                      torch.tensor([len(ids) for ids, _ in features]))
-    causal = torch.ones(total, total, dtype=torch.bool).tril()
-    mask = causal & (segment[:, None] == segment[None, :])
-    return {"input_ids": torch.tensor([input_ids], dtype=torch.long),
-            "labels": torch.tensor([labels], dtype=torch.long),
-            "position_ids": torch.tensor([positions], dtype=torch.long),
-            "attention_mask": mask[None, None], "tokens": total}
+    limit = max(row_tokens, *(len(ids) for ids, _ in features))
+    rows: list[list[tuple[list[int], list[int]]]] = [[]]
+    for feature in features:
+        if rows[-1] and sum(len(ids) for ids, _ in rows[-1]) + len(feature[0]) > limit:
+            rows.append([])
+        rows[-1].append(feature)
+    width = max(sum(len(ids) for ids, _ in row) for row in rows)
+    input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    segments = torch.arange(width).repeat(len(rows), 1) + len(features)  # pads: their own
+    segment = 0
+    for r, row in enumerate(rows):
+        start = 0
+        for ids, labs in row:
+            end = start + len(ids)
+            input_ids[r, start:end] = torch.tensor(ids, dtype=torch.long)
+            labels[r, start + 1:end] = torch.tensor(labs[1:], dtype=torch.long)
+            positions[r, start:end] = torch.arange(len(ids))
+            segments[r, start:end] = segment
+            segment, start = segment + 1, end
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    mask = causal & (segments[:, :, None] == segments[:, None, :])
+    return {"input_ids": input_ids, "labels": labels, "position_ids": positions,
+            "attention_mask": mask[:, None], "tokens": sum(len(ids) for ids, _ in features)}
 
 
 # --------------------------------------------------------------------------- general mix-in

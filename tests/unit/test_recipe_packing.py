@@ -51,20 +51,37 @@ def test_flatten_lays_the_examples_end_to_end() -> None:
         [1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]]
 
 
+def test_a_batch_over_the_row_limit_takes_several_rows() -> None:
+    batch = flatten([([1, 2, 3], [IGNORE_INDEX, 2, 3]), ([4, 5], [4, 5]), ([6], [6])],
+                    row_tokens=4)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 5, 6]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 1, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3], [IGNORE_INDEX, 5, IGNORE_INDEX]]
+    assert batch["attention_mask"][1, 0].int().tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    padded = flatten([([1, 2, 3], [1, 2, 3]), ([4], [4])], row_tokens=3)
+    assert padded["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert padded["labels"].tolist() == [[IGNORE_INDEX, 2, 3], [IGNORE_INDEX] * 3]
+    assert padded["tokens"] == 4
+    # Every position attends at least to itself (no fully masked row: no NaN).
+    assert padded["attention_mask"].diagonal(dim1=-2, dim2=-1).all()
+
+
 def test_the_flat_batch_gives_the_padded_batchs_loss_and_gradients(model_and_features) -> None:
     model, features, pad_id = model_and_features
     results = []
-    for batch in (collate(features, pad_id), flatten(features)):
+    for batch in (collate(features, pad_id), flatten(features), flatten(features, 64)):
         model.zero_grad()
         loss, count = _batch_loss(model, batch)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results.append((loss.detach(), count, grads))
-    (padded, n_padded, g_padded), (flat, n_flat, g_flat) = results
-    assert n_padded == n_flat > 0
-    torch.testing.assert_close(flat, padded, rtol=1e-4, atol=1e-5)
-    for name, grad in g_padded.items():
-        torch.testing.assert_close(g_flat[name], grad, rtol=1e-3, atol=1e-6)
+    padded, n_padded, g_padded = results[0]
+    assert n_padded > 0
+    for flat, n_flat, g_flat in results[1:]:  # one row, and one row per example
+        assert n_flat == n_padded
+        torch.testing.assert_close(flat, padded, rtol=1e-4, atol=1e-5)
+        for name, grad in g_padded.items():
+            torch.testing.assert_close(g_flat[name], grad, rtol=1e-3, atol=1e-6)
 
 
 def test_no_example_attends_to_another(model_and_features) -> None:
