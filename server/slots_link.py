@@ -68,6 +68,7 @@ class SlotsServer:
         self.path = path
         self._metrics_text = metrics_text
         self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> None:
         self.path.unlink(missing_ok=True)  # left by a previous run of this unit
@@ -77,12 +78,15 @@ class SlotsServer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+            for writer in list(self._connections):  # the processes see the owner go
+                writer.close()
             await self._server.wait_closed()
         self.path.unlink(missing_ok=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         holds: dict[int, asyncio.Task[None]] = {}
         calls: set[asyncio.Task[None]] = set()
+        self._connections.add(writer)
 
         def reply(message: dict[str, Any]) -> None:
             if not writer.is_closing():
@@ -108,6 +112,7 @@ class SlotsServer:
             # The process is gone (or misbehaved): nothing it held stays booked.
             for task in [*holds.values(), *calls]:
                 task.cancel()
+            self._connections.discard(writer)
             writer.close()
 
     async def _hold(self, ident: int, message: dict[str, Any],
@@ -170,10 +175,10 @@ class RemoteSlots:
                     raise Unavailable("the unit's adapter residency is not running yet",
                                       code="engine_unavailable", retry_after_s=2,
                                       retryable=True) from exc
-                asyncio.create_task(self._read(reader))
+                asyncio.create_task(self._read(reader, self._writer))
             return self._writer
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
+    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while line := await reader.readline():
                 message = json.loads(line)
@@ -187,6 +192,9 @@ class RemoteSlots:
         except (ConnectionError, ValueError):
             pass
         finally:
+            writer.close()  # the next call connects again (the owner may have restarted)
+            if self._writer is writer:
+                self._writer = None
             gone = Unavailable("the unit's adapter residency went away; retry shortly",
                                code="engine_unavailable", retry_after_s=2)
             pending, self._pending = self._pending, {}

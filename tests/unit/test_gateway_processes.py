@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from adapters.errors import Overloaded
+from adapters.errors import Overloaded, Unavailable
 from adapters.residency import Residency
 from server.engine.process import free_port
 from server.slots import LocalSlots
@@ -114,6 +114,25 @@ async def test_a_process_that_goes_away_frees_what_it_held(link: Any) -> None:
     await until(lambda: residency.snapshot()["resident"][0]["in_flight"] == 0, "the release")
     async with other.hold("t-x-2", "k2"), other.hold("t-x-3", "k3"):  # t-x-1 was evictable
         pass
+
+
+async def test_a_restarted_owner_is_reached_again(tmp_path: Path) -> None:
+    residency = Residency(Loader(), capacity=2, slot_wait_s=0.2)
+    local = LocalSlots(residency, Store())  # type: ignore[arg-type]
+    path = tmp_path / "slots.sock"
+    first = SlotsServer(local, path, lambda: b"")
+    await first.start()
+    client = RemoteSlots(path)
+    assert (await client.snapshot())["capacity"] == 2
+    await first.close()  # the owner goes away ...
+    await until(lambda: client._writer is None, "the client to see it")
+    with pytest.raises(Unavailable):
+        await client.snapshot()
+    second = SlotsServer(local, path, lambda: b"")
+    await second.start()  # ... and comes back
+    assert (await client.snapshot())["capacity"] == 2
+    await client.aclose()
+    await second.close()
 
 
 # -- a real unit with two gateway processes ----------------------------------------------------
