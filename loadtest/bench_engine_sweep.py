@@ -139,22 +139,28 @@ def rss_by_process(processes: list[psutil.Process]) -> str:
     return ", ".join(parts)
 
 
+def status_of(p: psutil.Process) -> str:
+    with contextlib.suppress(psutil.Error):
+        return str(p.status())
+    return "gone"
+
+
 def end_leftovers(processes: list[psutil.Process]) -> None:
     """SIGKILL any process of our engine that outlived `loraplex up` (orphaned vLLM workers
-    ignore SIGTERM). psutil names each by pid and start time, so a reused pid is never hit."""
+    ignore SIGTERM). psutil names each by pid and start time, so a reused pid is never hit.
+    A zombie (already dead, waiting for this container's init to reap it) is only reported."""
     alive = [p for p in processes if p.is_running()]
     names = []
     for p in alive:
         with contextlib.suppress(psutil.Error):
-            names.append(f"{p.pid} {p.name()}")
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
+            names.append(f"{p.pid} {p.name()} ({status_of(p)})")
+            if p.status() != psutil.STATUS_ZOMBIE:
+                p.kill()
     _, still = psutil.wait_procs(alive, timeout=15)
     if still:
-        print(f"  WARNING: engine processes {[p.pid for p in still]} survived SIGKILL")
+        print(f"  WARNING: engine processes {[p.pid for p in still]} still there after 15 s")
     elif alive:
-        print(f"  killed {len(alive)} engine processes left after `loraplex up` exited: "
+        print(f"  engine processes still there when `loraplex up` had exited (all gone now): "
               f"{', '.join(names)}")
 
 
