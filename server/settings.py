@@ -78,17 +78,18 @@ class Settings(BaseSettings):
     max_model_len: int = Field(default=2048, ge=64)
     """Context length the engine serves."""
 
-    max_loras: int = Field(default=8, ge=1)
-    """Adapters one engine batch can mix (vLLM --max-loras). On the CPU engine 1, 4 and 8
-    measured the same tokens/s (8: +0.1 GiB); with many adapters in use more is better."""
+    max_loras: int = Field(default=4, ge=1)
+    """Adapters one engine batch can mix (vLLM --max-loras). On the CPU engine 1 and 4
+    measured the same tokens/s, 8 up to 17% less (within noise) and +0.1 GiB; with many
+    different adapters in use at once, more lets more of them run together."""
     max_resident_adapters: int = Field(default=32, ge=1)
     """Adapters registered in the engine at once (vLLM --max-cpu-loras); LRU beyond that. A
     rank-8 q/v adapter of the default model is 3.7 MB of host memory; 8 and 32 measured the
     same engine memory and speed."""
     max_lora_rank: int = 16
     """Largest adapter rank the engine accepts (vLLM --max-lora-rank). Every request pays for
-    it, base-model requests too: on the CPU engine rank 64 streams at about half the base
-    tokens/s and a quarter of the adapter tokens/s of rank 16 (BENCHMARKS.md, engine sweep).
+    it, base-model requests too: on the CPU engine rank 64 streamed about 0.6x the base
+    tokens/s and 0.3x the adapter tokens/s of rank 16 (BENCHMARKS.md, engine sweep).
     16 is the fine-tuning default rank; raise it to serve larger adapters."""
     adapter_slot_wait_s: float = Field(default=30.0, ge=0)
     """How long a request waits for a residency slot when every slot is in use."""
