@@ -75,7 +75,11 @@ def _client(url: str, headers: dict[str, str], streams: int, requests: int, max_
             async def worker() -> None:
                 while left[0] > 0:
                     left[0] -= 1
-                    results.append(await _stream(client, headers, max_tokens))
+                    try:
+                        results.append(await _stream(client, headers, max_tokens))
+                    except httpx.HTTPError as exc:  # counted and shown, not fatal
+                        print(f"request failed: {type(exc).__name__}: {exc}", flush=True)
+                        results.append((-1.0, 0))
             await asyncio.gather(*(worker() for _ in range(streams)))
         return results
 
@@ -106,11 +110,14 @@ def unit_cpu(root: psutil.Process) -> float:
 
 def report(label: str, samples: list[tuple[float, int]], wall: float,
            cpu_s: float | None) -> float:
+    failed = sum(1 for t, _ in samples if t < 0)
+    samples = [s for s in samples if s[0] >= 0]
     tokens = sum(t for _, t in samples)
-    ttfts = [t for t, _ in samples]
+    ttfts = [t for t, _ in samples] or [0.0]
     per_token = f"{cpu_s / tokens * 1e6:7.1f}" if cpu_s is not None and tokens else "      -"
     print(f"{label:28} {len(samples):5} {tokens / wall:9.0f} {pct(ttfts, 0.5) * 1e3:8.1f}ms "
-          f"{pct(ttfts, 0.99) * 1e3:8.1f}ms {per_token}", flush=True)
+          f"{pct(ttfts, 0.99) * 1e3:8.1f}ms {per_token}"
+          + (f"  ({failed} failed)" if failed else ""), flush=True)
     return tokens / wall
 
 
