@@ -9,6 +9,7 @@ that another process's request is using.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,7 +45,7 @@ class LocalSlots:
         self.residency = residency
         self.store = store
 
-    def _fetch(self, store_key: str) -> tuple[Any, Any]:
+    def _fetch(self, store_key: str) -> tuple[Callable[[], Awaitable[Path]], Callable[[], None]]:
         async def fetch() -> Path:
             return await self.store.checkout(store_key)
 

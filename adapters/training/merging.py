@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +91,7 @@ def merge_adapters(base_model: Path, sources: Sequence[Path], weights: Sequence[
     renamed into place)."""
     from peft import PeftModel
 
-    from adapters.training.trainer import ADAPTER_FILES, load_base_model
+    from adapters.training.trainer import load_base_model, save_adapter
 
     for folder in sources:
         config = json.loads((folder / "adapter_config.json").read_text())
@@ -118,13 +117,4 @@ def merge_adapters(base_model: Path, sources: Sequence[Path], weights: Sequence[
     for name in names:
         model.delete_adapter(name)
     model.set_adapter("default")
-    model.peft_config["default"].base_model_name_or_path = base_model_name
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(str(staging), safe_serialization=True, save_embedding_layers=False)
-    for extra in staging.iterdir():
-        if extra.name not in ADAPTER_FILES:
-            shutil.rmtree(extra) if extra.is_dir() else extra.unlink()
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
-    return out
+    return save_adapter(model, out, base_model_name)

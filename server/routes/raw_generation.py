@@ -11,6 +11,7 @@ errors in OpenAI's shape (`server.errors.response_for`), same disconnect handlin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import TypeVar
@@ -91,21 +92,12 @@ async def _send_events(events: AsyncGenerator[bytes, None], receive: Receive, se
                        record: RequestRecord) -> None:
     """Relay the stream; a client that leaves cancels it, which closes the engine connection
     and makes vLLM abort the request."""
-    relay = asyncio.ensure_future(_relay(events, send))
-    watcher = asyncio.ensure_future(_disconnected(receive))
     try:
-        await asyncio.wait({relay, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await unless_disconnected(receive, _relay(events, send))
+    except (ClientGone, OSError):  # OSError: a write found the client gone
+        record.status = CLIENT_GONE
     finally:
-        watcher.cancel()
-        if not relay.done():
-            relay.cancel()
-            record.status = CLIENT_GONE
-        try:
-            await relay
-        except (asyncio.CancelledError, OSError):  # OSError: the write found the client gone
-            record.status = CLIENT_GONE
-        finally:
-            await events.aclose()
+        await events.aclose()
 
 
 async def _relay(events: AsyncIterator[bytes], send: Send) -> None:
@@ -135,7 +127,10 @@ async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
         watcher.cancel()
         if not task.done():
             task.cancel()
-    if not task.done() or task.cancelled():
+            # Let it unwind before going on: its engine connection is closed on return.
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
         raise ClientGone()
     return task.result()
 
