@@ -139,8 +139,7 @@ def _up_units(settings: Settings, count: int) -> int:
 def _unit(settings: Settings) -> int:
     """One serving unit: a gateway and its supervised engine, no workers, no banner (what
     `loraplex up --units N` runs N of, and what a deployment runs per GPU)."""
-    from server.app import create_app
-    from server.services import Services, resolve_model_path
+    from server.services import resolve_model_path
 
     parent = os.environ.pop("LORAPLEX_PARENT_PID", "")
     if parent and os.getppid() != int(parent):
@@ -152,28 +151,32 @@ def _unit(settings: Settings) -> int:
         from server.gateway_processes import run_gateway_processes
 
         return run_gateway_processes(settings, resolve_model_path(settings))
+    return _serve_gateway(settings)
+
+
+def _serve_gateway(settings: Settings, fd: int | None = None) -> int:
+    """This process's gateway, on its own port or on the socket `fd` its unit bound."""
+    from server.app import create_app
+    from server.services import Services, resolve_model_path
+
     services = Services.build(settings, model_path=resolve_model_path(settings))
-    uvicorn.Server(_uvicorn_config(create_app(services), settings)).run()
+    config = _uvicorn_config(create_app(services), settings)
+    config.fd = fd
+    uvicorn.Server(config).run()
     return 0
 
 
 def _gateway_process(settings: Settings) -> int:
     """One gateway process of a unit with several (server/gateway_processes.py), on the
     socket its unit bound."""
-    from server.app import create_app
     from server.gateway_processes import listen_fd
-    from server.services import Services, resolve_model_path
 
     fd = listen_fd()
     if fd is None:
         console.print("[bold red]gateway-process[/] is started by `loraplex unit` or "
                       "`loraplex up` when LORAPLEX_GATEWAY_PROCESSES > 1")
         return 2
-    services = Services.build(settings, model_path=resolve_model_path(settings))
-    config = _uvicorn_config(create_app(services), settings)
-    config.fd = fd
-    uvicorn.Server(config).run()
-    return 0
+    return _serve_gateway(settings, fd)
 
 
 EXAMPLE_TENANT = "acme"

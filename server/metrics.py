@@ -104,12 +104,12 @@ class Metrics:
     def exposition(self) -> bytes:
         """This process's scrape, less the `residency` part: the metrics of every gateway
         process of the unit (multiprocess mode) or of this one, then the `live` part."""
+        standard = self.registry
         folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if folder:
-            merged = CollectorRegistry()
-            MultiProcessCollector(merged, folder)  # type: ignore[no-untyped-call]
-            return generate_latest(merged) + generate_latest(self.live)
-        return generate_latest(self.registry) + generate_latest(self.live)
+            standard = CollectorRegistry()
+            MultiProcessCollector(standard, folder)  # type: ignore[no-untyped-call]
+        return generate_latest(standard) + generate_latest(self.live)
 
     def residency_exposition(self) -> bytes:
         return generate_latest(self.residency)
