@@ -34,6 +34,21 @@ ANSWERS = [
 PROBE = [{"role": "user", "content": "What is the color of grass?"}]
 
 
+def greedy_probe(tokenizer, model, max_tokens: int = 12) -> str:
+    """The model's greedy answer to PROBE, computed in this process (transformers)."""
+    ids = tokenizer.apply_chat_template(PROBE, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)
+    out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def served_probe(t: TenantHandle, model: str, max_tokens: int = 12) -> str:
+    """The greedy answer to PROBE served through the gateway."""
+    answer = t.client.chat.completions.create(model=model, messages=PROBE,
+                                              max_tokens=max_tokens, temperature=0)
+    return (answer.choices[0].message.content or "").strip()
+
+
 def pirate_jsonl() -> bytes:
     lines = [json.dumps({"messages": [{"role": "user", "content": q},
                                       {"role": "assistant", "content": f"Arr matey! {a}"}]})
@@ -122,13 +137,7 @@ def test_gateway_output_matches_peft_generate(server: Server, trainer: TenantHan
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.bfloat16), adapter_dir)
-    ids = tokenizer.apply_chat_template(PROBE, add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True)
-    out = model.generate(**ids, max_new_tokens=12, do_sample=False)
-    peft_text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-    served = trainer.client.chat.completions.create(model="pirate@1", messages=PROBE,
-                                                    max_tokens=12, temperature=0)
-    assert served.choices[0].message.content.strip() == peft_text.strip()
+    assert served_probe(trainer, "pirate@1") == greedy_probe(tokenizer, model)
 
 
 def test_evaluation_figures_agree_with_a_direct_computation(server: Server,
@@ -247,13 +256,7 @@ def test_an_exported_merged_model_gives_the_adapters_greedy_output(
         assert sha256_file(folder / name) == meta["sha256"], name
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
-    ids = tokenizer.apply_chat_template(PROBE, add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True)
-    out = model.generate(**ids, max_new_tokens=12, do_sample=False)
-    exported = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-    served = trainer.client.chat.completions.create(model="pirate@1", messages=PROBE,
-                                                    max_tokens=12, temperature=0)
-    assert served.choices[0].message.content.strip() == exported.strip()
+    assert served_probe(trainer, "pirate@1") == greedy_probe(tokenizer, model)
 
 
 def test_other_tenants_cannot_see_jobs_files_or_adapters(server: Server, trainer: TenantHandle,
