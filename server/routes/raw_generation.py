@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from typing import TypeVar
 
 from starlette.types import Receive, Scope, Send
@@ -92,19 +92,26 @@ async def _send_events(events: AsyncGenerator[bytes, None], receive: Receive, se
                        record: RequestRecord) -> None:
     """Relay the stream; a client that leaves cancels it, which closes the engine connection
     and makes vLLM abort the request."""
+    ended = False
+
+    async def relay() -> None:
+        nonlocal ended
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        async for chunk in events:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        # Everything is sent. uvicorn answers `receive` with http.disconnect once the response
+        # is complete too, so from here on a disconnect is the answer ending, not the client
+        # leaving early.
+        ended = True
+        await send({"type": "http.response.body", "body": b""})
+
     try:
-        await unless_disconnected(receive, _relay(events, send))
+        await unless_disconnected(receive, relay())
     except (ClientGone, OSError):  # OSError: a write found the client gone
-        record.status = CLIENT_GONE
+        if not ended:
+            record.status = CLIENT_GONE
     finally:
         await events.aclose()
-
-
-async def _relay(events: AsyncIterator[bytes], send: Send) -> None:
-    await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-    async for chunk in events:
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    await send({"type": "http.response.body", "body": b""})
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -585,6 +585,33 @@ async def test_client_leaving_a_stream_closes_it_and_is_client_gone():
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
 
 
+async def test_a_stream_that_ends_is_not_client_gone_when_the_end_wakes_the_watcher_first():
+    # uvicorn answers `receive` with http.disconnect as soon as the response is complete, and
+    # the final send may still await (flow control) after that: a whole answer, not a 499.
+    from server.request_log import RequestRecord
+    from server.routes.raw_generation import _send_events
+
+    async def events():
+        yield b"data: {}\n\n"
+        yield b"data: [DONE]\n\n"
+
+    complete = asyncio.Event()
+
+    async def receive():
+        await complete.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            complete.set()
+            await asyncio.sleep(0.05)  # draining the transport after the last write
+
+    record = RequestRecord("r", "POST", "/v1/chat/completions")
+    record.status = 200
+    await asyncio.wait_for(_send_events(events(), receive, send, record), 10)
+    assert record.status == 200
+
+
 async def test_one_json_access_line_per_request_without_prompt_text(gw, make_adapter, caplog):
     key = await gw.new_tenant("acme")
     await gw.register("acme", "support", make_adapter())
