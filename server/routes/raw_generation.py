@@ -30,6 +30,7 @@ T = TypeVar("T")
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
                 (b"cache-control", b"no-cache")]
+_DONE = b"data: [DONE]\n\n"  # the last event of every stream, vLLM's and the gateway's
 # Status for a request whose client left before its answer (nginx's "client closed request").
 CLIENT_GONE = 499
 
@@ -92,6 +93,10 @@ async def _send_events(events: AsyncGenerator[bytes, None], receive: Receive, se
                        record: RequestRecord) -> None:
     """Relay the stream; a client that leaves cancels it, which closes the engine connection
     and makes vLLM abort the request."""
+    # Once the last event is handed to `send`, a disconnect is the answer ending, not the
+    # client leaving early: clients close as soon as they read `[DONE]` (the OpenAI SDK does),
+    # and uvicorn answers `receive` with http.disconnect once the response is complete, while
+    # the stream's own end (closing the engine connection, settling usage) may still await.
     ended = False
 
     async def relay() -> None:
@@ -99,9 +104,7 @@ async def _send_events(events: AsyncGenerator[bytes, None], receive: Receive, se
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
         async for chunk in events:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        # Everything is sent. uvicorn answers `receive` with http.disconnect once the response
-        # is complete too, so from here on a disconnect is the answer ending, not the client
-        # leaving early.
+            ended = ended or chunk.endswith(_DONE)
         ended = True
         await send({"type": "http.response.body", "body": b""})
 

@@ -612,6 +612,38 @@ async def test_a_stream_that_ends_is_not_client_gone_when_the_end_wakes_the_watc
     assert record.status == 200
 
 
+async def test_a_client_that_closes_on_done_is_not_client_gone():
+    # The OpenAI SDK closes the connection as soon as it reads `[DONE]`, while the stream's own
+    # end (closing the engine connection, settling usage) may still await: a whole answer.
+    from server.request_log import RequestRecord
+    from server.routes.raw_generation import _send_events
+
+    done_sent = asyncio.Event()
+    settled = []
+
+    async def events():
+        try:
+            yield b"data: {}\n\n"
+            yield b"data: [DONE]\n\n"
+            await asyncio.sleep(0.2)  # closing the engine connection
+        finally:
+            settled.append(True)
+
+    async def receive():
+        await done_sent.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message.get("body", b"").endswith(b"[DONE]\n\n"):
+            done_sent.set()
+
+    record = RequestRecord("r", "POST", "/v1/chat/completions")
+    record.status = 200
+    await asyncio.wait_for(_send_events(events(), receive, send, record), 10)
+    assert record.status == 200
+    assert settled == [True]
+
+
 async def test_one_json_access_line_per_request_without_prompt_text(gw, make_adapter, caplog):
     key = await gw.new_tenant("acme")
     await gw.register("acme", "support", make_adapter())
