@@ -93,7 +93,9 @@ def test_engine_killed_degrades_only_generation_and_recovers(own_server: Server,
         # The rest of the raw stream ends cleanly (no incomplete chunked read) with
         # OpenAI's error object, then [DONE].
         rest = [line[len("data: "):] for line in raw_lines if line]
-    assert rest[-1] == "[DONE]", rest[-3:]
+    # What came after the kill, in the message: a failure here must say which way it went.
+    assert rest[-1] == "[DONE]", (len(rest), rest[-3:])
+    assert "error" in json.loads(rest[-2]), (len(rest), rest[-3:], server.log.read_text()[-3000:])
     error = json.loads(rest[-2])["error"]
     assert error["code"] == "engine_unavailable", error
     assert error["type"] == "service_unavailable_error" and error["param"] is None
