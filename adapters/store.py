@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import hashlib
 import json
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Protocol
 
 from adapters.errors import AdapterInvalid, Corrupt, NotFound
 from adapters.validation import ADAPTER_FILES, ValidatedAdapter, sha256_file
@@ -36,6 +38,7 @@ MANIFEST_FILE = "manifest.json"
 BLOB_ROOT = "_data"
 FOLDER_MARKER = "complete.json"
 MAX_MARKER_BYTES = 1 << 20
+READ_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,19 @@ def version_key(tenant: str, adapter: str, version: int) -> str:
     return f"{tenant}/{adapter}/v{version}-{secrets.token_hex(4)}"
 
 
+def exports_of(tenant: str, adapter: str | None = None, version: int | None = None) -> str:
+    """The blob prefix of a tenant's merged-model exports (of one adapter, of one version):
+    `exports/<tenant>/<adapter>/<version>/<job-id>/` each."""
+    prefix = f"exports/{tenant}"
+    if adapter is not None:
+        prefix += f"/{adapter}" if version is None else f"/{adapter}/{version}"
+    return prefix
+
+
+def export_key(tenant: str, adapter: str, version: int, job_id: str) -> str:
+    return f"{exports_of(tenant, adapter, version)}/{job_id}"
+
+
 def verify_folder(folder: Path, manifest: Manifest) -> list[str]:
     """Files in `folder` that do not match the manifest (size or sha256)."""
     bad = []
@@ -79,6 +95,16 @@ def verify_folder(folder: Path, manifest: Manifest) -> list[str]:
                 or sha256_file(path) != want["sha256"]:
             bad.append(name)
     return bad
+
+
+@dataclass
+class FolderFile:
+    """A file of a stored folder being read: its size and sha256 (from the folder's marker)
+    and its bytes, checked against both as they come."""
+
+    size: int
+    sha256: str
+    chunks: AsyncIterator[bytes]
 
 
 class AdapterStore(abc.ABC):
@@ -132,6 +158,12 @@ class AdapterStore(abc.ABC):
     async def get_folder(self, key: str, dest: Path) -> None:
         """Copy the complete folder `key` to `dest` (replaced), every file checked against the
         marker; NotFound if `key` has no marker, Corrupt if a file does not match it."""
+
+    @abc.abstractmethod
+    async def open_folder_file(self, key: str, rel: str) -> FolderFile:
+        """One file of the complete folder `key`, to stream (a download): NotFound if the
+        folder or the file is not there. Its bytes are checked against the marker as they are
+        read; a mismatch raises Corrupt at the end, before the last chunk is given."""
 
     @abc.abstractmethod
     async def list_folders(self, prefix: str) -> list[str]:
@@ -264,6 +296,21 @@ class LocalStore(AdapterStore):
 
         receive_folder(key, files, dest, fetch)
 
+    async def open_folder_file(self, key: str, rel: str) -> FolderFile:
+        folder = self.blob_path(key)
+        try:
+            raw = await asyncio.to_thread((folder / FOLDER_MARKER).read_bytes)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise NotFound(f"folder {key} is not in {self.description}",
+                           code="blob_not_found") from exc
+        size, digest = listed_file(key, parse_folder_marker(key, raw), rel)
+        path = folder / rel
+        if not await asyncio.to_thread(path.is_file):
+            raise NotFound(f"folder {key} in {self.description}: {rel} is missing",
+                           code="blob_not_found")
+        return FolderFile(size, digest, checked_chunks(f"{key}/{rel}", size, digest,
+                                                       lambda: path.open("rb")))
+
     async def list_folders(self, prefix: str) -> list[str]:
         return await asyncio.to_thread(self._list_folders, self.blob_path(prefix))
 
@@ -317,6 +364,44 @@ def parse_folder_marker(key: str, raw: bytes) -> dict[str, tuple[int, str]]:
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise Corrupt(f"folder {key}: {FOLDER_MARKER} is unreadable: {exc}") from exc
     return files
+
+
+def listed_file(key: str, files: dict[str, tuple[int, str]], rel: str) -> tuple[int, str]:
+    """(size, sha256) of `rel` in a folder's marker; NotFound if the folder has no such file."""
+    if rel == FOLDER_MARKER or rel not in files:
+        raise NotFound(f"folder {key} has no file {rel!r}", code="blob_not_found")
+    return files[rel]
+
+
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+async def checked_chunks(what: str, size: int, digest: str,
+                         open_: Callable[[], Readable]) -> AsyncIterator[bytes]:
+    """The bytes of a blocking reader (opened and read in threads), the last chunk held back
+    until the whole is known to match `size` and `digest` (Corrupt otherwise): a reader that
+    gets every byte got the right ones. The reader is closed however the stream ends."""
+    reader = await asyncio.to_thread(open_)
+    hasher, got, held = hashlib.sha256(), 0, b""
+    try:
+        while chunk := await asyncio.to_thread(reader.read, READ_CHUNK):
+            got += len(chunk)
+            if got > size:
+                break
+            hasher.update(chunk)
+            if held:
+                yield held
+            held = chunk
+        if (got, hasher.hexdigest()) != (size, digest):
+            raise Corrupt(f"{what} does not match its folder's marker (read {got} bytes of "
+                          f"{size}, or other bytes than the ones listed)")
+        if held:
+            yield held
+    finally:
+        await asyncio.to_thread(reader.close)
 
 
 def receive_folder(key: str, files: dict[str, tuple[int, str]], dest: Path,

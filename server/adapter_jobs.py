@@ -10,11 +10,14 @@ can combine, and the result fits `max_lora_rank`. The job then runs like a fine-
 
 from __future__ import annotations
 
-from adapters.errors import InvalidInput, NotFound
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from adapters.errors import Conflict, InvalidInput, NotFound
 from adapters.names import check_name, parse_model_ref
 from adapters.registry import Registry, timestamp
 from adapters.registry.models import FineTuneJob
-from adapters.store import AdapterStore, LocalStore
+from adapters.store import AdapterStore, FolderFile, LocalStore
 from adapters.training.jobs import JobStatus, JobStore
 from adapters.training.merging import Source, check_merge
 from server.fine_tuning import job_object
@@ -66,7 +69,10 @@ class AdapterJobService:
         """Queue the export of a version (one of that dtype already queued, running or done
         is reused)."""
         row = await self.registry.get_version(tenant, name, version)
-        job = await self.jobs.latest_task(tenant, "export", name, version=version, dtype=dtype)
+        # Matched on the version's sha256 too: an adapter deleted and made again reuses its
+        # version numbers, never the exports of the old one.
+        job = await self.jobs.latest_task(tenant, "export", name, version=version, dtype=dtype,
+                                          sha256=row.sha256)
         if job is None or job.status not in REUSED:
             job = await self.jobs.create_task(
                 tenant, "export", model=self.model_name, adapter_name=name,
@@ -75,13 +81,36 @@ class AdapterJobService:
                 message=f"Export of {name}@{version} merged into the base model queued")
         return self._export_object(job)
 
-    async def get_export(self, tenant: str, name: str, version: int) -> ExportObject:
-        await self.registry.get_version(tenant, name, version)
-        job = await self.jobs.latest_task(tenant, "export", name, version=version)
+    async def get_export(self, tenant: str, name: str, version: int,
+                         dtype: str | None = None) -> ExportObject:
+        """The latest export of the version (of that dtype, if given)."""
+        return self._export_object(await self._latest_export(tenant, name, version, dtype))
+
+    async def open_export_file(self, tenant: str, name: str, version: int, rel: str,
+                               dtype: str | None = None) -> FolderFile:
+        """One file of the version's latest export (of that dtype, if given), to download;
+        checked against the export's marker as it is read."""
+        export = self._export_object(await self._latest_export(tenant, name, version, dtype))
+        if export.status != JobStatus.SUCCEEDED or export.store_key is None:
+            raise Conflict(f"the export of {name}@{version} is {export.status.value}, not "
+                           f"succeeded; its files can be downloaded once it is done",
+                           code="export_not_ready")
+        if rel not in (export.files or {}):
+            raise NotFound(f"the export of {name}@{version} has no file {rel!r}; GET the export "
+                           "for its list of files", code="export_file_not_found")
+        return await self.store.open_folder_file(export.store_key, rel)
+
+    async def _latest_export(self, tenant: str, name: str, version: int,
+                             dtype: str | None) -> FineTuneJob:
+        row = await self.registry.get_version(tenant, name, version)
+        same = {"dtype": dtype} if dtype is not None else {}
+        job = await self.jobs.latest_task(tenant, "export", name, version=version,
+                                          sha256=row.sha256, **same)
         if job is None:
-            raise NotFound(f"{name}@{version} has not been exported; POST to export it",
+            of = f" as {dtype}" if dtype is not None else ""
+            raise NotFound(f"{name}@{version} has not been exported{of}; POST to export it",
                            code="export_not_found")
-        return self._export_object(job)
+        return job
 
     def _export_object(self, job: FineTuneJob) -> ExportObject:
         params = job.params or {}
@@ -93,8 +122,22 @@ class AdapterJobService:
             status=JobStatus(job.status), created_at=timestamp(job.created_at),
             finished_at=timestamp(job.finished_at) if job.finished_at else None,
             store_key=key, location=self._location(key) if key else None,
-            files=done.get("files"),
+            files=self._with_urls(job, done.get("files")),
             error=JobError.model_validate(job.error) if job.error else None)
+
+    @staticmethod
+    def _with_urls(job: FineTuneJob, files: dict[str, dict[str, Any]] | None
+                   ) -> dict[str, dict[str, Any]] | None:
+        """Each file's entry with the admin API path that downloads it (from this export)."""
+        if files is None:
+            return None
+        params = job.params or {}
+        base = "/" + "/".join(quote(str(part), safe="") for part in (
+            "admin", "tenants", job.tenant_id, "adapters", job.adapter_name, "versions",
+            params["version"], "export", "files"))
+        query = "?" + urlencode({"dtype": params.get("dtype", "auto")})
+        return {rel: {**meta, "url": f"{base}/{quote(rel)}{query}"}
+                for rel, meta in files.items()}
 
     def _location(self, key: str) -> str:
         if isinstance(self.store, LocalStore):

@@ -22,7 +22,7 @@ from adapters.registration import register_version
 from adapters.registry import AdapterVersion, DeletedVersions, Registry
 from adapters.s3.store import S3Store
 from adapters.sources import AdapterSources, UploadedFile
-from adapters.store import AdapterStore
+from adapters.store import AdapterStore, exports_of
 from adapters.validation import AdapterLimits
 from server.engine.client import EngineClient
 from server.engine.process import EngineProcess
@@ -85,7 +85,7 @@ class AdminService:
 
     async def delete_tenant(self, tenant_id: str) -> Deleted:
         """Delete the tenant, its keys and its adapters (unloaded once idle, files erased)."""
-        self._retire(await self.registry.delete_tenant(tenant_id))
+        self._retire(await self.registry.delete_tenant(tenant_id), exports_of(tenant_id))
         return Deleted(id=tenant_id, object="tenant")
 
     # -- keys ----------------------------------------------------------------------------------
@@ -163,7 +163,7 @@ class AdminService:
 
     async def delete_adapter(self, tenant: str, name: str) -> Deleted:
         """Delete every version and alias (unloaded once idle, files erased)."""
-        self._retire(await self.registry.delete_adapter(tenant, name))
+        self._retire(await self.registry.delete_adapter(tenant, name), exports_of(tenant, name))
         return Deleted(id=name, object="adapter")
 
     async def get_version(self, tenant: str, name: str, version: int) -> AdapterVersionObject:
@@ -171,16 +171,19 @@ class AdminService:
         return AdapterVersionObject.from_row(row, tenant, name)
 
     async def delete_version(self, tenant: str, name: str, version: int) -> Deleted:
-        self._retire(await self.registry.delete_version(tenant, name, version))
+        self._retire(await self.registry.delete_version(tenant, name, version),
+                     exports_of(tenant, name, version))
         return Deleted(id=f"{name}@{version}", object="adapter_version")
 
-    def _retire(self, deleted: DeletedVersions) -> None:
-        """Unload deleted versions once idle, then erase their files (the engine reads them)."""
+    def _retire(self, deleted: DeletedVersions, exports: str) -> None:
+        """Unload deleted versions once idle, then erase their files (the engine reads them)
+        and their merged-model exports (the folders under `exports`)."""
 
         async def retire() -> None:
             for engine_name, key in zip(deleted.engine_names, deleted.store_keys, strict=True):
                 await self.slots.retire(engine_name)
                 await self.store.delete(key)
+            await self.store.delete_prefix(exports)
 
         self._spawn(retire())
 

@@ -44,9 +44,12 @@ from adapters.store import (
     MANIFEST_FILE,
     MAX_MARKER_BYTES,
     AdapterStore,
+    FolderFile,
     Manifest,
     check_blob_key,
+    checked_chunks,
     folder_files,
+    listed_file,
     parse_folder_marker,
     receive_folder,
 )
@@ -338,6 +341,29 @@ class S3Store(AdapterStore):
             raise map_error(exc, what, key=key) from exc
         except (BotoCoreError, OSError) as exc:
             raise map_error(exc, what, key=key) from exc
+
+    async def open_folder_file(self, key: str, rel: str) -> FolderFile:
+        what = f"reading {key}/{rel} from {self.description}"
+        base = self.blob_object(key)
+        try:
+            raw = await asyncio.to_thread(self._get_bytes, f"{base}/{FOLDER_MARKER}",
+                                          MAX_MARKER_BYTES)
+            size, digest = listed_file(key, parse_folder_marker(key, raw), rel)
+            try:
+                uid = check_blob_key(str(json.loads(raw)["uid"]))
+            except (ValueError, KeyError) as exc:
+                raise Corrupt(f"folder {key}: {FOLDER_MARKER} names no uid") from exc
+            body = (await asyncio.to_thread(self.client.get_object, Bucket=self.bucket,
+                                            Key=f"{base}/{uid}/{rel}"))["Body"]
+        except ClientError as exc:
+            if error_code(exc) in NOT_FOUND:
+                raise NotFound(f"folder {key} is not in {self.description}, or has no {rel}",
+                               code="blob_not_found") from exc
+            raise map_error(exc, what, key=key) from exc
+        except BotoCoreError as exc:
+            raise map_error(exc, what, key=key) from exc
+        return FolderFile(size, digest, checked_chunks(f"{key}/{rel}", size, digest,
+                                                       lambda: body))
 
     async def list_folders(self, prefix: str) -> list[str]:
         base = self.blob_object(prefix) + "/"

@@ -39,7 +39,7 @@ from adapters.errors import LoraplexError
 from adapters.registration import register_version
 from adapters.registry import Registry
 from adapters.registry.models import FineTuneJob
-from adapters.store import AdapterStore
+from adapters.store import AdapterStore, export_key
 from adapters.training.dataset import mix_general, to_messages, validate_jsonl
 from adapters.training.evaluation import (
     BASE_KEY,
@@ -486,10 +486,6 @@ class Losses:
         prompted = f"prompted {self.prompted.loss:.4f}, " if self.prompted else ""
         return (f"Held-out loss: base {self.base.loss:.4f}, {prompted}"
                 f"adapter {self.adapter.loss:.4f}")
-
-
-def export_key(tenant: str, adapter: str, version: int, job_id: str) -> str:
-    return f"exports/{tenant}/{adapter}/{version}/{job_id}"
 
 
 def _example(case: Case) -> dict[str, Any]:

@@ -1,21 +1,27 @@
-"""`loraplex adapters push|list|versions|alias|pin|unpin|delete`: a tenant's adapters."""
+"""`loraplex adapters push|list|versions|alias|pin|unpin|export|delete`: a tenant's adapters."""
 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from server.admin_cli.client import AdminClient, path
-from server.admin_cli.command import Subparsers, action, confirm, group
-from server.admin_cli.errors import UsageError
-from server.admin_cli.output import Output, size, when
+from server.admin_cli.command import Subparsers, action, confirm, group, positive
+from server.admin_cli.download import download_export
+from server.admin_cli.errors import JOB_NOT_SUCCEEDED, OK, UsageError
+from server.admin_cli.follow import FINAL_VALUES, follow
+from server.admin_cli.output import Output, size, status, when
 from server.admin_cli.upload import push_folder
+from server.protocol.fine_tuning import ExportDtype
+
+EXPORT_DTYPES = get_args(ExportDtype)
 
 
 def add(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     adapters = group(sub, "adapters", "admin: a tenant's LoRA adapters (push, list, versions, "
-                                      "alias, pin, unpin, delete)")
+                                      "alias, pin, unpin, export, delete)")
     p = action(adapters, "push", "register a new version of an adapter (created with its "
                                  "first version)", push, common)
     p.add_argument("tenant")
@@ -46,6 +52,21 @@ def add(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         p.add_argument("tenant")
         p.add_argument("name")
         p.add_argument("version", type=int)
+    p = action(adapters, "export", "merge a version into the base model (a job of the "
+                                   "training worker) and show, or --download, the model folder",
+               export, common)
+    p.add_argument("tenant")
+    p.add_argument("name")
+    p.add_argument("version", type=int)
+    p.add_argument("--dtype", choices=EXPORT_DTYPES, default="auto",
+                   help="the merged weights' type (default auto: the base model's own)")
+    p.add_argument("--wait", action="store_true",
+                   help="follow the export job until it ends (as `jobs follow` does)")
+    p.add_argument("--download", metavar="DIR", type=Path,
+                   help="then download the model folder to DIR (a new or empty folder), every "
+                        "file checked against its sha256; implies --wait")
+    p.add_argument("--interval", type=positive, default=2.0, metavar="S",
+                   help="seconds between polls while waiting (default 2)")
     p = action(adapters, "delete", "delete an adapter with every version and alias (or one "
                                    "--version)", delete, common)
     p.add_argument("tenant")
@@ -136,6 +157,44 @@ def _pinned(version: dict[str, Any], out: Output) -> None:
         return
     state = "pinned (kept resident)" if version["pinned"] else "not pinned"
     out.line(f"{version['tenant']}/{version['model']} is {state}.")
+
+
+def export(args: argparse.Namespace, client: AdminClient, out: Output) -> int:
+    url = _adapter(args.tenant, args.name, "versions", str(args.version), "export")
+    query = {"dtype": args.dtype}
+    export_ = client.post(url, json=query)
+    if (args.wait or args.download is not None) and export_["status"] not in FINAL_VALUES:
+        if out.as_json:  # one JSON document at the end, nothing on the way
+            while export_["status"] not in FINAL_VALUES:
+                time.sleep(args.interval)
+                export_ = client.get(url, params=query)
+        else:
+            follow(argparse.Namespace(job_id=export_["job_id"], interval=args.interval),
+                   client, out)
+            export_ = client.get(url, params=query)
+    if args.download is not None and export_["status"] == "succeeded":
+        download_export(client, export_, args.download, out)
+        _show_export(export_, out, args.download)
+        return OK
+    _show_export(export_, out)
+    if (args.wait or args.download is not None) and export_["status"] != "succeeded":
+        return JOB_NOT_SUCCEEDED
+    return OK
+
+
+def _show_export(export_: dict[str, Any], out: Output, downloaded: Path | None = None) -> None:
+    if out.as_json:
+        out.data(export_)
+        return
+    out.fields([("export", f"{export_['adapter']}@{export_['version']} ({export_['dtype']})"),
+                ("job", export_["job_id"]), ("status", status(export_["status"])),
+                ("location", export_.get("location")),
+                ("downloaded to", str(downloaded) if downloaded is not None else None),
+                ("error", (export_.get("error") or {}).get("message"))])
+    files = export_.get("files") or {}
+    if files:
+        out.table(["file", "size", "sha256"], (
+            [rel, size(meta["size"]), meta["sha256"]] for rel, meta in sorted(files.items())))
 
 
 def delete(args: argparse.Namespace, client: AdminClient, out: Output) -> None:

@@ -78,9 +78,10 @@ class AdminClient:
         except httpx.TransportError as exc:
             raise Unreachable(f"cannot reach the loraplex server at {self.url}: "
                               f"{exc or type(exc).__name__}") from exc
-        return self._decode(resp)
+        return self.decode(resp)
 
-    def _decode(self, resp: httpx.Response) -> Any:
+    def decode(self, resp: httpx.Response) -> Any:
+        """The JSON of a read answer, or the error it carries (as `request` raises it)."""
         try:
             body = resp.json()
         except ValueError:

@@ -192,12 +192,15 @@ class FineTuningJob(BaseModel):
     """What a merge or an export job does."""
 
 
+ExportDtype = Literal["auto", "bfloat16", "float16", "float32"]
+
+
 class ExportCreate(BaseModel):
     """POST .../versions/{v}/export (the body is optional)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    dtype: ExportDtype = "auto"
     """The merged weights' type; auto: the base model's own."""
 
 

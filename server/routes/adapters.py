@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.datastructures import UploadFile
 
 from adapters.errors import InvalidInput
@@ -27,6 +28,7 @@ from server.protocol.common import ERROR_RESPONSES, Deleted
 from server.protocol.fine_tuning import (
     EvaluationCreate,
     ExportCreate,
+    ExportDtype,
     ExportObject,
     FineTuningJob,
     MergeCreate,
@@ -191,8 +193,26 @@ async def export_version(tenant: str, name: str, version: int, adapter_jobs: Ada
 
 
 @router.get("/tenants/{tenant}/adapters/{name}/versions/{version}/export")
-async def get_export(tenant: str, name: str, version: int,
-                     adapter_jobs: AdapterJobsDep) -> ExportObject:
-    """The latest export of this version: its status, and once done the folder in the store
-    with each file's size and sha256."""
-    return await adapter_jobs.get_export(tenant, name, version)
+async def get_export(tenant: str, name: str, version: int, adapter_jobs: AdapterJobsDep,
+                     dtype: ExportDtype | None = None) -> ExportObject:
+    """The latest export of this version (of that `dtype`, if given): its status, and once
+    done the folder in the store with each file's size, sha256 and download URL."""
+    return await adapter_jobs.get_export(tenant, name, version, dtype)
+
+
+@router.get("/tenants/{tenant}/adapters/{name}/versions/{version}/export/files/{file_path:path}",
+            response_class=StreamingResponse,
+            responses={200: {"content": {"application/octet-stream": {}},
+                             "description": "the file's bytes"}})
+async def download_export_file(tenant: str, name: str, version: int, file_path: str,
+                               adapter_jobs: AdapterJobsDep,
+                               dtype: ExportDtype | None = None) -> StreamingResponse:
+    """One file of the finished export (a path from its `files`), streamed from the store.
+    Its sha256 is in the ETag and `X-Loraplex-Sha256`; the bytes are checked against it as
+    they are read, and a stream that does not match is cut short, never completed."""
+    file = await adapter_jobs.open_export_file(tenant, name, version, file_path, dtype)
+    filename = quote(file_path.rsplit("/", 1)[-1], safe="")
+    return StreamingResponse(file.chunks, media_type="application/octet-stream", headers={
+        "content-length": str(file.size), "etag": f'"{file.sha256}"',
+        "x-loraplex-sha256": file.sha256,
+        "content-disposition": f"attachment; filename*=UTF-8''{filename}"})

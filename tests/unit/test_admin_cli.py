@@ -739,3 +739,93 @@ def test_a_bad_setting_is_a_usage_error(cli: Cli, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("LORAPLEX_PORT", "not-a-port")
     result = cli("tenants", "list")
     assert result.code == USAGE and "LORAPLEX_PORT" in result.err
+
+
+# -- adapters export ---------------------------------------------------------------------------
+
+class ExportWorker(threading.Thread):
+    """Plays the training worker for the export of `tenant`'s `adapter`@1 once it is queued
+    (only that job: other tests leave jobs queued): the real Worker, with the merge itself a
+    stand-in (test_recipe_merging.py runs the real one)."""
+
+    def __init__(self, live: LiveGateway, base_model_dir: Path, work: Path, tenant: str,
+                 adapter: str) -> None:
+        super().__init__(daemon=True)
+        self.live, self.base_model_dir, self.work = live, base_model_dir, work
+        self.tenant, self.adapter = tenant, adapter
+        self.failure: BaseException | None = None
+
+    def run(self) -> None:
+        from adapters.base_model import BaseModelInfo
+        from adapters.training.worker import Worker
+        from adapters.validation import AdapterLimits
+
+        try:
+            services = self.live.services
+            worker = Worker(services.jobs, services.registry, services.store,
+                            self.base_model_dir, BaseModelInfo.from_folder(self.base_model_dir),
+                            AdapterLimits(16, 10**9), BASE_MODEL, self.work, worker_id="w-x")
+            jobs = services.jobs
+            job = None
+            for _ in range(600):
+                job = self.live.call(jobs.latest_task(self.tenant, "export", self.adapter))
+                if job is not None:
+                    break
+                threading.Event().wait(0.05)
+            assert job is not None, "no export job was queued"
+            self.live.call(jobs.update_job(job.id, status="running", worker_id="w-x"))
+            self.live.call(worker.run_job(self.live.call(jobs.get_job(self.tenant, job.id))))
+        except BaseException as exc:  # noqa: BLE001 (reported by the test)
+            self.failure = exc
+
+
+def test_adapters_export_waits_downloads_checked_and_refuses_what_it_should(
+        live: LiveGateway, cli: Cli, peft_folder: Path, base_model_dir: Path,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import adapters.training.export as export_module
+    from adapters.validation import sha256_file
+
+    files = {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"w" * 300_000,
+             "tokenizer/tokenizer.json": b"{}"}
+
+    def fake_export(base: Path, adapter: Path, out: Path, info: dict[str, Any],
+                    dtype: str) -> dict[str, dict[str, Any]]:
+        for rel, data in files.items():
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / rel).write_bytes(data)
+        return {rel: {"size": len(d), "sha256": sha256_file(out / rel)} for rel, d in files.items()}
+
+    monkeypatch.setattr(export_module, "export_merged", fake_export)
+    tenant_with_key(live, "x-acme")
+    assert cli("adapters", "push", "x-acme", "bot", str(peft_folder)).code == OK
+
+    worker = ExportWorker(live, base_model_dir, tmp_path / "work", "x-acme", "bot")
+    worker.start()
+    dest = tmp_path / "merged"
+    result = cli("adapters", "export", "x-acme", "bot", "1", "--download", str(dest),
+                 "--interval", "0.05")
+    worker.join(60)
+    assert worker.failure is None, worker.failure
+    assert result.code == OK, result
+    got = {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    assert got == files
+    assert "succeeded" in result.out and "tokenizer/tokenizer.json" in result.out
+    assert "downloaded to" in result.out and str(dest) in result.out
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")] == []
+
+    shown = cli("adapters", "export", "x-acme", "bot", "1", "--json")  # done: the same export
+    assert shown.code == OK and shown.json()["status"] == "succeeded"
+    assert shown.json()["job_id"] in result.out
+    refused(cli("adapters", "export", "x-acme", "bot", "1", "--download", str(dest)),
+            "already exists")
+    refused(cli("adapters", "export", "x-acme", "bot", "9"), "version 9")
+
+    # A stored file changed under the store: the download breaks off and nothing is kept.
+    stored = Path(shown.json()["location"]) / "model.safetensors"
+    stored.write_bytes(b"x" * 300_000)
+    broken = cli("adapters", "export", "x-acme", "bot", "1", "--download",
+                 str(tmp_path / "again"))
+    assert broken.code == UNREACHABLE, broken
+    assert "broke off" in broken.err or "did not download intact" in broken.err, broken.err
+    assert not (tmp_path / "again").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".again")] == []

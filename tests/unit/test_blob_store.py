@@ -13,6 +13,7 @@ from adapters.disk_cache import DiskCache
 from adapters.errors import Corrupt, NotFound, Unavailable
 from adapters.s3.store import S3Store, make_client
 from adapters.store import BLOB_ROOT, FOLDER_MARKER, AdapterStore, LocalStore
+from adapters.validation import sha256_file
 from tests.s3_server import MotoS3Server, s3_env
 
 
@@ -150,6 +151,42 @@ async def test_a_folder_that_does_not_match_its_marker_is_corrupt(store: Adapter
     with pytest.raises(Corrupt):
         await store.get_folder("checkpoints/j/step-5", tmp_path / "dest")
     assert not (tmp_path / "dest").exists() and not list(tmp_path.glob(".dest*"))
+
+
+async def read_all(chunks) -> bytes:  # type: ignore[no-untyped-def]
+    return b"".join([c async for c in chunks])
+
+
+async def test_a_folder_file_streams_checked_against_its_marker(store: AdapterStore,
+                                                                tmp_path: Path) -> None:
+    weights = bytes(range(256)) * 9000  # over two read chunks
+    src = checkpoint_folder(tmp_path / "a", weights)
+    await store.put_folder("exports/t/a/1/job", src)
+    file = await store.open_folder_file("exports/t/a/1/job", "adapter_model.safetensors")
+    assert file.size == len(weights) and file.sha256 == sha256_file(
+        src / "adapter_model.safetensors")
+    assert await read_all(file.chunks) == weights
+    nested = await store.open_folder_file("exports/t/a/1/job", "sub/extra.json")
+    assert await read_all(nested.chunks) == b"{}"
+    for missing in ("nope.bin", FOLDER_MARKER, "../a/1/job/trainer_state.pt", "sub"):
+        with pytest.raises(NotFound):
+            await store.open_folder_file("exports/t/a/1/job", missing)
+    with pytest.raises(NotFound):
+        await store.open_folder_file("exports/t/a/1/other-job", "trainer_state.pt")
+
+    # Changed under the store: the stream never completes (the last chunk is held back).
+    stored = next(k for k in raw_objects(store) if k.endswith("adapter_model.safetensors"))
+    write_raw(store, stored, weights[:-1] + b"X")
+    file = await store.open_folder_file("exports/t/a/1/job", "adapter_model.safetensors")
+    got = b""
+    with pytest.raises(Corrupt, match="does not match"):
+        async for chunk in file.chunks:
+            got += chunk
+    assert len(got) < len(weights)
+    write_raw(store, stored, weights + b"more")
+    file = await store.open_folder_file("exports/t/a/1/job", "adapter_model.safetensors")
+    with pytest.raises(Corrupt):
+        await read_all(file.chunks)
 
 
 async def test_delete_prefix_removes_every_folder_and_blob_under_it(store: AdapterStore,

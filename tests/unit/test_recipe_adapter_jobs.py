@@ -180,3 +180,55 @@ async def test_an_export_is_a_checksummed_folder_in_the_store(gw: Gw, acme, work
     gw.expect_error(await gw.admin("POST", url, json={"dtype": "int3"}), 400)
     gw.expect_error(await gw.admin("POST", VERSIONS.format("french") + "/9/export"), 404)
     gw.expect_error(await gw.admin("GET", VERSIONS.format("nope") + "/1/export"), 404)
+
+
+async def test_an_export_downloads_file_by_file_and_goes_with_its_adapter(
+        gw: Gw, acme, worker, monkeypatch) -> None:
+    exported: dict[str, bytes] = {}
+
+    def fake_export(base: Path, adapter: Path, out: Path, info: dict[str, Any],
+                    dtype: str) -> dict[str, dict[str, Any]]:
+        (out / "tokenizer").mkdir(parents=True)
+        exported.update({"config.json": b'{"model_type": "llama"}',
+                         "model.safetensors": bytes(range(256)) * 5000,
+                         "tokenizer/tokenizer.json": b'{"vocab": "\xc3\xa9"}'})
+        for rel, data in exported.items():
+            (out / rel).write_bytes(data)
+        return {rel: {"size": len(data), "sha256": sha256_file(out / rel)}
+                for rel, data in exported.items()}
+
+    monkeypatch.setattr(export_module, "export_merged", fake_export)
+    url = VERSIONS.format("french") + "/2/export"
+    assert (await gw.admin("POST", url)).status_code == 202
+    gw.expect_error(await gw.admin("GET", url + "/files/config.json"), 409,
+                    code="export_not_ready")
+    await run_next_job(gw, worker)
+    done = (await gw.admin("GET", url)).json()
+    for rel, meta in done["files"].items():
+        r = await gw.admin("GET", meta["url"])
+        assert r.status_code == 200, (rel, r.text)
+        assert r.content == exported[rel] and r.headers["x-loraplex-sha256"] == meta["sha256"]
+        assert r.headers["content-length"] == str(meta["size"])
+        assert r.headers["content-type"] == "application/octet-stream"
+    assert done["files"]["tokenizer/tokenizer.json"]["url"].endswith(
+        "/export/files/tokenizer/tokenizer.json?dtype=auto")
+    for missing in ("nope.bin", "complete.json", "..%2F..%2F1%2Fexport", "tokenizer"):
+        gw.expect_error(await gw.admin("GET", f"{url}/files/{missing}"), 404)
+    gw.expect_error(await gw.admin("GET", f"{url}/files/config.json?dtype=float32"), 404,
+                    code="export_not_found")
+    gw.expect_error(await gw.admin("GET", f"{url}/files/config.json?dtype=int3"), 400)
+    assert (await gw.client.get(f"{url}/files/config.json")).status_code == 401  # admin only
+
+    # Deleting the adapter erases its exports; one made again with the same name and version
+    # numbers never sees the old ones.
+    folder = Path(done["location"])
+    assert folder.is_dir()
+    assert (await gw.admin("DELETE", "/admin/tenants/acme/adapters/french")).status_code == 200
+    await gw.settle()
+    assert not folder.exists()
+    await gw.register("acme", "french", worker_adapter := write_adapter(
+        Path(str(folder) + "-new-src"), r=8))
+    await gw.register("acme", "french", worker_adapter)
+    gw.expect_error(await gw.admin("GET", url), 404, code="export_not_found")
+    gw.expect_error(await gw.admin("GET", url + "/files/config.json"), 404,
+                    code="export_not_found")
