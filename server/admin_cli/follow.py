@@ -9,8 +9,12 @@ A server that stops answering for a while (a restart) is retried, not given up o
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
 from typing import Any, TypeVar
 
 from rich.console import Console
@@ -82,29 +86,52 @@ def follow(args: argparse.Namespace, client: AdminClient, out: Output) -> int:
     job = client.get(job_url)  # a wrong id, token or URL fails here, at once, not retried
     view = None if out.as_json else FollowView(out.out, args.job_id)
     try:
-        if view is not None:
-            view.progress.start()
-        while True:
-            for event in _retrying(feed.new, out, args.interval):
-                if view is None:
-                    out.json_line(event)
-                else:
-                    view.event(event)
+        with _ctrl_c() as stop:
             if view is not None:
-                view.job(job)
-            if job["status"] in FINAL_VALUES:
-                break
-            time.sleep(args.interval)
-            job = _retrying(lambda: client.get(job_url), out, args.interval)
-    except KeyboardInterrupt:
-        if view is not None:
-            view.progress.stop()  # before the note, which would otherwise print above the bar
-        out.note(f"Stopped following {args.job_id}; the job goes on.")
-        return INTERRUPTED
+                view.progress.start()
+            while not stop.is_set():
+                for event in _retrying(feed.new, out, args.interval):
+                    if view is None:
+                        out.json_line(event)
+                    else:
+                        view.event(event)
+                if view is not None:
+                    view.job(job)
+                if job["status"] in FINAL_VALUES or stop.wait(args.interval):
+                    break
+                job = _retrying(lambda: client.get(job_url), out, args.interval)
+    except KeyboardInterrupt:  # a second Ctrl-C, while a call hung
+        stop.set()
     finally:
         if view is not None:
-            view.progress.stop()
+            view.progress.stop()  # before the note, which would otherwise print above the bar
+    if stop.is_set():
+        out.note(f"Stopped following {args.job_id}; the job goes on.")
+        return INTERRUPTED
     return _ended(job, out)
+
+
+@contextmanager
+def _ctrl_c() -> Iterator[threading.Event]:
+    """An event Ctrl-C sets, checked between polls. A KeyboardInterrupt raised wherever the
+    signal lands (inside httpx's or rich's locks) could leave a lock held and the command
+    hung; only a second Ctrl-C raises one. Off the main thread (signals cannot be handled
+    there) the event is never set."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def held_out(evaluation: dict[str, Any]) -> str:
