@@ -429,7 +429,8 @@ class Worker:
         else:
             body = {**settings.model_dump(), "models": [BASE_KEY, name], "examples": holdout,
                     "few_shot_examples": pool or None, "few_shot": len(pool),
-                    "prompted_baseline": True, "seed": job.seed}
+                    "prompted_baseline": True, "seed": job.seed,
+                    "held_out_loss": False}  # measured here, in full precision
             try:
                 report = EvaluationReport.model_validate(
                     await self.evaluator.evaluate(job.tenant_id, body))
