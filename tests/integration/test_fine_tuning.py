@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +17,14 @@ import openai
 import psutil
 import pytest
 
-from tests.integration.conftest import BASE, Server, TenantHandle, make_tenant, scrape_metric
+from tests.integration.conftest import (
+    ADMIN_TOKEN,
+    BASE,
+    Server,
+    TenantHandle,
+    make_tenant,
+    scrape_metric,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -142,7 +152,7 @@ def test_gateway_output_matches_peft_generate(server: Server, trainer: TenantHan
 
 def test_evaluation_figures_agree_with_a_direct_computation(server: Server,
                                                             trainer: TenantHandle,
-                                                            pirate_job) -> None:
+                                                            pirate_job, base_model: Path) -> None:
     """On demand, a tiny held-out file: the report's figures are its answers scored directly
     against the file's references, and its answers are what the served adapter says."""
     from adapters.training.evaluation import case_of
@@ -183,6 +193,23 @@ def test_evaluation_figures_agree_with_a_direct_computation(server: Server,
         temperature=0).choices[0].message.content for c in cases]
     assert [s["outputs"]["pirate@1"] for s in report["samples"]] == served
     assert report["models"]["pirate@1"]["f1"] > report["models"]["base"]["f1"]
+
+    # Held-out loss from the engine's prompt log-probabilities agrees with the training
+    # worker's own computation (transformers, float32; the engine computes in bfloat16).
+    from adapters.training.trainer import evaluate
+
+    examples = [{"messages": [{"role": "user", "content": q}, {"role": "assistant",
+                                                                "content": a}]}
+                for q, a in held_out]
+    with server.admin() as c:
+        key = c.get("/admin/tenants/trainer/adapters/pirate/versions/1").json()["store_key"]
+    adapter_dir = server.home / "store" / key
+    assert (adapter_dir / "adapter_config.json").is_file(), adapter_dir
+    for column, adapter in (("base", None), ("pirate@1", adapter_dir)):
+        direct = evaluate(base_model, examples, adapter).loss
+        assert report["models"][column]["loss"] == pytest.approx(direct, rel=0.05), column
+    assert report["models"]["pirate@1"]["loss"] < report["models"]["base"]["loss"]
+    assert report["models"]["prompted"]["loss"] is not None
 
 
 def admin_job(server: Server, job_id: str, timeout_s: float = 900) -> dict:
@@ -257,6 +284,36 @@ def test_an_exported_merged_model_gives_the_adapters_greedy_output(
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     assert served_probe(trainer, "pirate@1") == greedy_probe(tokenizer, model)
+
+
+VLLM_GREEDY = """
+import json, sys
+from vllm import LLM, SamplingParams
+llm = LLM(model=sys.argv[1], max_model_len=2048, seed=0)
+out = llm.chat(json.loads(sys.argv[2]), SamplingParams(temperature=0, max_tokens=12))
+print("ANSWER=" + json.dumps(out[0].outputs[0].text))
+"""
+
+
+def test_a_downloaded_export_runs_in_vllm_with_the_adapters_greedy_output(
+        server: Server, trainer: TenantHandle, pirate_job, tmp_path: Path) -> None:
+    """`loraplex adapters export --download` fetches the merged model (every file checked);
+    a plain vLLM, with no LoRA, serves it and answers as pirate@1 does through the gateway."""
+    folder = tmp_path / "pirate-merged"
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "loraplex"), "adapters", "export", "trainer",
+         "pirate", "1", "--download", str(folder), "--url", server.url,
+         "--admin-token", ADMIN_TOKEN], capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in folder.iterdir()}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    ran = subprocess.run([sys.executable, "-c", VLLM_GREEDY, str(folder), json.dumps(PROBE)],
+                         capture_output=True, text=True, timeout=900, env=env)
+    answers = [line for line in ran.stdout.splitlines() if line.startswith("ANSWER=")]
+    assert ran.returncode == 0 and answers, ran.stdout[-2000:] + ran.stderr[-4000:]
+    assert json.loads(answers[0][len("ANSWER="):]).strip() == served_probe(trainer, "pirate@1")
 
 
 def test_other_tenants_cannot_see_jobs_files_or_adapters(server: Server, trainer: TenantHandle,
