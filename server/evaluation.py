@@ -7,11 +7,8 @@ serving gives, at full engine speed. Answers run `evaluation_concurrency` at a t
 `POST /v1/fine_tuning/evaluations` (a tenant), `POST /admin/tenants/{t}/evaluations` (an
 operator, and the training worker at the end of every job).
 
-Held-out loss comes from the engine's prompt log-probabilities (server/evaluation_loss.py),
-unless `held_out_loss` is false (the worker computes its own). An example whose answer fails
-scores 0 and is counted in its model's `failed`; a model with an example whose loss could not
-be had gets no loss (and the reason in `errors`). An engine that is down fails the whole
-evaluation (503), since nothing it would report could be trusted.
+An example whose answer fails scores 0 and is counted in its model's `failed`; an engine that
+is down fails the whole evaluation (503), since nothing it would report could be trusted.
 """
 
 from __future__ import annotations
@@ -40,7 +37,6 @@ from adapters.training.evaluation import (
     score,
 )
 from adapters.training.jobs import JobStore
-from server.evaluation_loss import EngineLoss, LossSum, Scored
 from server.gateway import Gateway
 from server.protocol.fine_tuning import EvaluationCreate
 from server.protocol.openai import ChatCompletionRequest
@@ -55,7 +51,6 @@ class EvaluationService:
         self.gateway = gateway
         self.jobs = jobs
         self.concurrency = concurrency
-        self.engine_loss = EngineLoss(gateway)
 
     async def caller_for(self, tenant: str) -> KeyOwner:
         """The tenant itself (its limits and weight) for an evaluation an operator asks for."""
@@ -90,67 +85,18 @@ class EvaluationService:
         outputs = await asyncio.gather(*(
             asyncio.gather(*(answer(model, kind, case) for case in held_out))
             for _key, model, kind in columns))
-        losses: list[float | None] = [None] * len(columns)
-        loss_errors: list[str] = []
-        if body.held_out_loss:
-            losses, loss_errors = await self._losses(caller, columns, held_out, body, shots,
-                                                     limit)
-        models = {key: score(model, kind, held_out, outs, loss)
-                  for (key, model, kind), outs, loss in zip(columns, outputs, losses,
-                                                            strict=True)}
+        models = {key: score(model, kind, held_out, outs)
+                  for (key, model, kind), outs in zip(columns, outputs, strict=True)}
         samples = [Sample(prompt=case.prompt, reference=case.reference,
                           outputs={key: outs[i].text
                                    for (key, _, _), outs in zip(columns, outputs, strict=True)})
                    for i, case in enumerate(held_out[:body.shown_examples])]
-        errors = sorted({o.error for outs in outputs for o in outs if o.error} | set(loss_errors))
+        errors = sorted({o.error for outs in outputs for o in outs if o.error})
         return EvaluationReport(
             examples=len(held_out), metric=body.metric, models=models,
             best=best(models, body.metric), samples=samples, errors=errors,
             baseline={"system_prompt": body.prompt, "few_shot": len(shots)}
             if body.prompted_baseline else None)
-
-    async def _losses(self, caller: KeyOwner, columns: Sequence[tuple[str, str, Kind]],
-                      cases: Sequence[Case], body: EvaluationCreate, shots: Sequence[Case],
-                      limit: asyncio.Semaphore) -> tuple[list[float | None], list[str]]:
-        """Each column's held-out loss through the engine (None, and why in the errors, for
-        a column with an example that could not be scored)."""
-        plain = [case.prompt for case in cases]
-        prompted = [prompted_messages(case.prompt, body.prompt, shots) for case in cases]
-
-        async def locate(prompt: list[dict[str, Any]], case: Case) -> Scored | None:
-            async with limit:
-                return await self.engine_loss.locate(prompt, case.reference)
-
-        async def nll(model: str, scored: Scored | None) -> float | str:
-            if scored is None:
-                return "the chat template does not end the prompt where the answer starts"
-            async with limit:
-                try:
-                    return await self.engine_loss.nll(caller, model, scored)
-                except Unavailable:
-                    raise
-                except LoraplexError as exc:
-                    return exc.message
-
-        kinds = {kind for _, _, kind in columns}
-        spans = {kind: await asyncio.gather(*(
-            locate(p, case) for p, case in zip(prompted if kind == "prompted" else plain,
-                                               cases, strict=True)))
-            for kind in kinds}
-        sums: list[float | None] = []
-        errors: list[str] = []
-        for key, model, kind in columns:
-            results = await asyncio.gather(*(nll(model, scored) for scored in spans[kind]))
-            total = LossSum()
-            for scored, result in zip(spans[kind], results, strict=True):
-                if isinstance(result, str) or scored is None:
-                    total.failed += 1
-                    errors.append(f"{key}: held-out loss: {result}"[:300])
-                else:
-                    total.nll += result
-                    total.tokens += scored.end - scored.start
-            sums.append(total.loss)
-        return sums, sorted(set(errors))
 
     async def _columns(self, tenant: str, body: EvaluationCreate) -> list[tuple[str, str, Kind]]:
         """(report key, model called, kind) per requested model; each must exist (404)."""

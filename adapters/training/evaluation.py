@@ -7,8 +7,7 @@
                                 data, `prompted_messages`), and adapter versions by name
     generation                  greedy, through the serving engine (server/evaluation.py)
     scores (`score`)            exact match, token F1, ROUGE-L (adapters/training/metrics.py),
-                                mean output length; held-out loss (the worker's own, or the
-                                engine's prompt log-probabilities: server/evaluation_loss.py)
+                                mean output length; held-out loss where the worker computed it
     report (`EvaluationReport`) one `ModelScores` per model, a few examples side by side
 
 `beats` answers require_improvement: the adapter beats the base model and the prompted
@@ -63,8 +62,8 @@ class EvaluationSettings(BaseModel):
 
 
 class ModelScores(BaseModel):
-    """One model's column of the report. A metric is None where it was not asked for or could
-    not be measured."""
+    """One model's column of the report. A metric is None where it does not apply (loss of a
+    model evaluated only through the engine) or could not be measured."""
 
     model: str
     """The model called: the base model's name or `<adapter>@<version>`."""
@@ -73,8 +72,7 @@ class ModelScores(BaseModel):
     f1: float | None = None
     rouge_l: float | None = None
     loss: float | None = None
-    """Mean cross-entropy of the reference answers' tokens and their end-of-turn token (by the
-    training worker at the end of a job; from the engine's prompt log-probabilities on demand)."""
+    """Mean cross-entropy of the reference answers' tokens (computed by the training worker)."""
     mean_output_tokens: float | None = None
     mean_output_chars: float | None = None
     failed: int = 0

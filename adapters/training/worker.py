@@ -429,8 +429,7 @@ class Worker:
         else:
             body = {**settings.model_dump(), "models": [BASE_KEY, name], "examples": holdout,
                     "few_shot_examples": pool or None, "few_shot": len(pool),
-                    "prompted_baseline": True, "seed": job.seed,
-                    "held_out_loss": False}  # measured here, in full precision
+                    "prompted_baseline": True, "seed": job.seed}
             try:
                 report = EvaluationReport.model_validate(
                     await self.evaluator.evaluate(job.tenant_id, body))

@@ -63,9 +63,6 @@ class EvaluationCreate(EvaluationSettings):
     """Few-shot examples inline, instead of `training_file`."""
     seed: int = Field(default=42, ge=0, le=2**31 - 1)
     """Which few-shot examples are drawn."""
-    held_out_loss: bool = True
-    """Also measure each model's loss on the reference answers, from the engine's prompt
-    log-probabilities (one more request per example and model)."""
 
 
 class MergeSourceIn(BaseModel):

@@ -152,7 +152,7 @@ def test_gateway_output_matches_peft_generate(server: Server, trainer: TenantHan
 
 def test_evaluation_figures_agree_with_a_direct_computation(server: Server,
                                                             trainer: TenantHandle,
-                                                            pirate_job, base_model: Path) -> None:
+                                                            pirate_job) -> None:
     """On demand, a tiny held-out file: the report's figures are its answers scored directly
     against the file's references, and its answers are what the served adapter says."""
     from adapters.training.evaluation import case_of
@@ -193,23 +193,6 @@ def test_evaluation_figures_agree_with_a_direct_computation(server: Server,
         temperature=0).choices[0].message.content for c in cases]
     assert [s["outputs"]["pirate@1"] for s in report["samples"]] == served
     assert report["models"]["pirate@1"]["f1"] > report["models"]["base"]["f1"]
-
-    # Held-out loss from the engine's prompt log-probabilities agrees with the training
-    # worker's own computation (transformers, float32; the engine computes in bfloat16).
-    from adapters.training.trainer import evaluate
-
-    examples = [{"messages": [{"role": "user", "content": q}, {"role": "assistant",
-                                                                "content": a}]}
-                for q, a in held_out]
-    with server.admin() as c:
-        key = c.get("/admin/tenants/trainer/adapters/pirate/versions/1").json()["store_key"]
-    adapter_dir = server.home / "store" / key
-    assert (adapter_dir / "adapter_config.json").is_file(), adapter_dir
-    for column, adapter in (("base", None), ("pirate@1", adapter_dir)):
-        direct = evaluate(base_model, examples, adapter).loss
-        assert report["models"][column]["loss"] == pytest.approx(direct, rel=0.05), column
-    assert report["models"]["pirate@1"]["loss"] < report["models"]["base"]["loss"]
-    assert report["models"]["prompted"]["loss"] is not None
 
 
 def admin_job(server: Server, job_id: str, timeout_s: float = 900) -> dict:

@@ -174,7 +174,6 @@ class FakeEngine:
             Route("/v1/unload_lora_adapter", self._unload, methods=["POST"]),
             Route("/v1/chat/completions", self._chat, methods=["POST"]),
             Route("/v1/completions", self._completions, methods=["POST"]),
-            Route("/tokenize", self._tokenize, methods=["POST"]),
         ])
 
     @property
@@ -220,30 +219,6 @@ class FakeEngine:
         del self.loaded[name]
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
-    # A stand-in chat template and tokenizer: one token per character, each message rendered
-    # as "[role]content|" ("|" ends a turn), the generation prompt "[assistant]".
-    END_OF_TURN = "|"
-
-    @classmethod
-    def render(cls, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
-               continue_final_message: bool = False) -> list[int]:
-        text = "".join(f"[{m['role']}]{m['content']}{cls.END_OF_TURN}" for m in messages)
-        if continue_final_message:
-            text = text[:-len(cls.END_OF_TURN)]
-        if add_generation_prompt:
-            text += "[assistant]"
-        return [ord(c) for c in text]
-
-    def logprob(self, model: str, token: int) -> float:
-        """The stand-in's log-probability of `token` (adapters are surer than the base)."""
-        return -((token % 7) + 1) / (10.0 if model == self.base_model else 40.0)
-
-    async def _tokenize(self, request: Request) -> Response:
-        body = await request.json()
-        tokens = self.render(body["messages"], bool(body.get("add_generation_prompt")),
-                             bool(body.get("continue_final_message")))
-        return JSONResponse({"count": len(tokens), "max_model_len": 2048, "tokens": tokens})
-
     async def _chat(self, request: Request) -> Response:
         return await self._generate(request, chat=True)
 
@@ -270,15 +245,10 @@ class FakeEngine:
                 "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "Paris."},
                              "finish_reason": "stop"}], "usage": usage})
-        choice: dict[str, Any] = {"index": 0, "text": " Paris.", "finish_reason": "stop"}
-        prompt = body.get("prompt")
-        if body.get("prompt_logprobs") is not None and isinstance(prompt, list):
-            choice["prompt_logprobs"] = [None] + [
-                {str(t): {"logprob": self.logprob(model, t), "rank": 1, "decoded_token": chr(t)}}
-                for t in prompt[1:]]
         return JSONResponse({
             "id": "cmpl-fake", "object": "text_completion", "created": 0, "model": model,
-            "choices": [choice], "usage": usage})
+            "choices": [{"index": 0, "text": " Paris.", "finish_reason": "stop"}],
+            "usage": usage})
 
     async def _events(self, model: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"

@@ -202,6 +202,36 @@ async def test_engine_only_fields_are_stripped_others_pass(gw):
     assert set(sent) == {"model", "messages", "cache_salt", *passed}
 
 
+async def test_prompt_logprobs_never_reach_the_engine(gw):
+    # vLLM with LoRA enabled computes them with the wrong LoRA mapping, and 0.32's EngineCore
+    # dies on one (found by this project's evaluation work): every tenant would lose the engine.
+    key = await gw.new_tenant("acme")
+    headers = gw.headers("acme", key)
+    chat = {"model": BASE, "messages": [{"role": "user", "content": "x"}]}
+    refused = [
+        ("/v1/completions", {"model": BASE, "prompt": [1, 2, 3], "prompt_logprobs": 0},
+         "prompt_logprobs"),
+        ("/v1/completions", {"model": BASE, "prompt": "x", "echo": True, "logprobs": 1}, None),
+        ("/v1/chat/completions", {**chat, "prompt_logprobs": 5}, "prompt_logprobs"),
+        ("/v1/chat/completions", {**chat, "echo": True, "logprobs": True, "top_logprobs": 2},
+         None),
+    ]
+    sent = len(gw.engine.bodies)
+    for path, body, param in refused:
+        for stream in (False, True):
+            resp = await gw.client.post(path, json={**body, "stream": stream}, headers=headers)
+            error = gw.expect_error(resp, 400)
+            assert error["param"] == param and "log-probabilities" in error["message"], error
+    assert len(gw.engine.bodies) == sent
+    for path, body in (("/v1/completions", {"model": BASE, "prompt": "x", "echo": True,
+                                            "logprobs": None}),
+                       ("/v1/completions", {"model": BASE, "prompt": "x", "logprobs": 2}),
+                       ("/v1/chat/completions", {**chat, "prompt_logprobs": None,
+                                                 "logprobs": True, "top_logprobs": 2})):
+        resp = await gw.client.post(path, json=body, headers=headers)
+        assert resp.status_code == 200, resp.text
+
+
 async def test_unset_fields_are_not_invented(gw):
     key = await gw.new_tenant("acme")
     await gw.client.post("/v1/completions", json={"model": BASE, "prompt": [1, 2, 3]},
