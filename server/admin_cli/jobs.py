@@ -1,13 +1,15 @@
-"""`loraplex jobs list|show|events|follow`: every tenant's fine-tuning jobs (admin view)."""
+"""`loraplex jobs list|show|events|follow|cancel`: every tenant's fine-tuning jobs (admin view)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+from rich.text import Text
+
 from adapters.training.jobs import STATUSES
 from server.admin_cli.client import AdminClient, path
-from server.admin_cli.command import Subparsers, action, group, positive
+from server.admin_cli.command import Subparsers, action, confirm, group, positive
 from server.admin_cli.follow import follow, held_out
 from server.admin_cli.output import Output, status, when
 
@@ -16,7 +18,7 @@ SHOWN_EVENTS = 10
 
 def add(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     jobs = group(sub, "jobs", "admin: fine-tuning jobs of every tenant (list, show, events, "
-                              "follow)")
+                              "follow, cancel)")
     p = action(jobs, "list", "list jobs, newest first", list_, common)
     p.add_argument("--tenant", help="only this tenant's")
     p.add_argument("--status", choices=[str(s) for s in STATUSES])
@@ -33,6 +35,10 @@ def add(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("job_id")
     p.add_argument("--interval", type=positive, default=1.0, metavar="S",
                    help="seconds between polls (default 1)")
+    p = action(jobs, "cancel", "cancel a queued or running job (fine-tuning, merge or export); "
+                               "it registers nothing", cancel, common)
+    p.add_argument("job_id")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
 
 def job_url(job_id: str, *rest: str) -> str:
@@ -95,3 +101,14 @@ def _events_table(out: Output, data: list[dict[str, Any]], title: str) -> None:
     out.table(["time", "level", "message"],
               ([when(e["created_at"]), e["level"], e["message"]] for e in data),
               title=title, empty="no events")
+
+
+def cancel(args: argparse.Namespace, client: AdminClient, out: Output) -> None:
+    confirm(f"Cancel job {args.job_id}?", args.yes)
+    job = client.post(job_url(args.job_id, "cancel"))
+    if out.as_json:
+        out.data(job)
+        return
+    line = Text(f"Job {job['id']} of {job['organization_id']} ")
+    line.append_text(status(job["status"]))
+    out.out.print(line, soft_wrap=True)

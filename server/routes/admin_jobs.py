@@ -1,6 +1,6 @@
 """Admin: every tenant's fine-tuning jobs (what the `loraplex jobs` commands and the console
-read). The objects are the tenant API's (`/v1/fine_tuning/jobs`), built by the same code;
-only the scope differs: all tenants, filtered by `?tenant=` and `?status=`.
+read, and cancel). The objects are the tenant API's (`/v1/fine_tuning/jobs`), built by the
+same code; only the scope differs: all tenants, filtered by `?tenant=` and `?status=`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from adapters.errors import InvalidInput
 from adapters.registry.models import FineTuneJob
 from adapters.training.jobs import JobStatus
 from server.deps import AdminDep, AdminServiceDep, FineTuningDep
-from server.fine_tuning import FineTuningService, _job
+from server.fine_tuning import FineTuningService, job_object
 from server.protocol.common import ERROR_RESPONSES
 from server.protocol.fine_tuning import EventList, FineTuningJob, JobList
 from server.routes.json_body import JSONBodyRoute
@@ -47,7 +47,7 @@ async def list_all_jobs(service: FineTuningService, tenant: str | None,
                                  FineTuneJob.id < anchor.id)))
         q = q.order_by(FineTuneJob.created_at.desc(), FineTuneJob.id.desc()).limit(limit + 1)
         rows = list((await s.scalars(q)).all())
-    return JobList(data=[_job(j) for j in rows[:limit]], has_more=len(rows) > limit)
+    return JobList(data=[job_object(j) for j in rows[:limit]], has_more=len(rows) > limit)
 
 
 @router.get("/fine_tuning/jobs")
@@ -62,7 +62,7 @@ async def list_jobs(fine_tuning: FineTuningDep, admin: AdminServiceDep,
 
 @router.get("/fine_tuning/jobs/{job_id}")
 async def retrieve_job(job_id: str, fine_tuning: FineTuningDep) -> FineTuningJob:
-    return _job(await fine_tuning.jobs.get_job(None, job_id))
+    return job_object(await fine_tuning.jobs.get_job(None, job_id))
 
 
 @router.get("/fine_tuning/jobs/{job_id}/events")
@@ -71,3 +71,12 @@ async def list_events(job_id: str, fine_tuning: FineTuningDep, after: str | None
     """Newest first, like the tenant API; `after` is the last event id of the previous page."""
     job = await fine_tuning.jobs.get_job(None, job_id)
     return await fine_tuning.list_events(job.tenant_id, job_id, after, limit)
+
+
+@router.post("/fine_tuning/jobs/{job_id}/cancel")
+async def cancel_job(job_id: str, fine_tuning: FineTuningDep) -> FineTuningJob:
+    """Cancel any tenant's job (fine-tuning, merge or export) as its tenant can: a queued one
+    never runs, a running one stops at its worker's next step and registers nothing; 409 once
+    it has ended."""
+    job = await fine_tuning.jobs.get_job(None, job_id)
+    return await fine_tuning.cancel_job(job.tenant_id, job_id)

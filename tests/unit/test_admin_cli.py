@@ -683,6 +683,20 @@ def test_jobs_list_show_events(live: LiveGateway, cli: Cli, jobs_tenant: str) ->
     assert exited.value.code == USAGE
 
 
+def test_jobs_cancel(live: LiveGateway, cli: Cli, jobs_tenant: str) -> None:
+    job_id = new_job(live, jobs_tenant)
+    unconfirmed = cli("jobs", "cancel", job_id)  # not a terminal and no --yes: nothing sent
+    assert unconfirmed.code == USAGE and "--yes" in unconfirmed.err
+    assert api(live, "GET", f"/admin/fine_tuning/jobs/{job_id}").json()["status"] == "queued"
+    done = cli("jobs", "cancel", job_id, "--yes")
+    assert done.code == OK, done
+    assert f"Job {job_id} of {jobs_tenant} cancelled" in done.out
+    assert api(live, "GET", f"/admin/fine_tuning/jobs/{job_id}").json()["status"] == "cancelled"
+    assert cli("jobs", "cancel", job_id, "--yes", "--json").json()["status"] == "cancelled"
+    refused(cli("jobs", "cancel", "ftjob-nope", "--yes"),
+            api_error(live, "POST", "/admin/fine_tuning/jobs/ftjob-nope/cancel"))
+
+
 # -- servers that are down, broken, or not loraplex --------------------------------------------
 
 def test_every_command_reports_a_server_that_is_down(cli: Cli, peft_folder: Path) -> None:

@@ -98,3 +98,22 @@ async def test_errors_are_openai_shaped(gw: Gw) -> None:
     gw.expect_error(await gw.admin("GET", f"{JOBS}/ftjob-nope/events"), 404)
     gw.expect_error(await gw.admin("GET", f"{JOBS}/{job_id}/events",
                                    params={"limit": "5000"}), 400)
+
+
+async def test_an_operator_cancels_any_tenants_job_once(gw: Gw) -> None:
+    acme_key = await gw.new_tenant("acme")
+    job_id = await new_job(gw, "acme")
+    assert (await gw.client.post(f"{JOBS}/{job_id}/cancel")).status_code == 401  # admin only
+    r = await gw.admin("POST", f"{JOBS}/{job_id}/cancel")
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "cancelled" and r.json()["organization_id"] == "acme"
+    tenant_view = await gw.client.get(f"/v1/fine_tuning/jobs/{job_id}",
+                                      headers=gw.headers("acme", acme_key))
+    assert tenant_view.json()["status"] == "cancelled"
+    assert await gw.services.jobs.claim("w1", 30) is None  # never runs
+    again = await gw.admin("POST", f"{JOBS}/{job_id}/cancel")  # as the tenant API: idempotent
+    assert again.status_code == 200 and again.json()["status"] == "cancelled"
+    done = await new_job(gw, "acme")
+    await gw.services.jobs.update_job(done, status=JobStatus.SUCCEEDED.value)
+    gw.expect_error(await gw.admin("POST", f"{JOBS}/{done}/cancel"), 409, code="job_finished")
+    gw.expect_error(await gw.admin("POST", f"{JOBS}/ftjob-nope/cancel"), 404)
