@@ -40,6 +40,7 @@ from adapters.training.jobs import JobStore
 from server.gateway import Gateway
 from server.protocol.fine_tuning import EvaluationCreate
 from server.protocol.openai import ChatCompletionRequest
+from server.quotas.usage import UsageMeter
 from server.request_log import RequestRecord
 
 CHAT = "/v1/chat/completions"
@@ -47,10 +48,12 @@ SHOWN_LINE_ERRORS = 10
 
 
 class EvaluationService:
-    def __init__(self, gateway: Gateway, jobs: JobStore, concurrency: int) -> None:
+    def __init__(self, gateway: Gateway, jobs: JobStore, concurrency: int,
+                 meter: UsageMeter | None = None) -> None:
         self.gateway = gateway
         self.jobs = jobs
         self.concurrency = concurrency
+        self.meter = meter
 
     async def caller_for(self, tenant: str) -> KeyOwner:
         """The tenant itself (its limits and weight) for an evaluation an operator asks for."""
@@ -154,15 +157,27 @@ class EvaluationService:
             "messages": [{"role": m["role"], "content": m["content"]} for m in messages]})
         record = RequestRecord(request_id="eval-" + secrets.token_hex(8), method="POST",
                                path=CHAT)
+        record.tenant, record.key_id = caller.tenant_id, caller.key_id
         try:
             answer = await self.gateway.complete(caller, CHAT, req, record)
         except Unavailable:
+            self._metered(record, error=True)
             raise
         except LoraplexError as exc:  # refused by the engine, a limit, ...: this one scores 0
+            self._metered(record, error=True)
             return Output(None, error=f"{model}: {exc.message}"[:300])
+        self._metered(record, error=False)
         choice = (answer.get("choices") or [{}])[0]
         text = (choice.get("message") or {}).get("content")
         tokens = (answer.get("usage") or {}).get("completion_tokens")
         if not isinstance(text, str):
             return Output(None, error=f"{model}: the engine gave no text")
         return Output(text, tokens if isinstance(tokens, int) else None)
+
+    def _metered(self, record: RequestRecord, error: bool) -> None:
+        """Metered like a tenant's own request (the access log's rule: once the model is
+        resolved): an evaluation's answers are engine work the tenant asked for."""
+        if self.meter is not None and record.model is not None:
+            self.meter.record(record.tenant or "", record.adapter, record.key_id,
+                              record.prompt_tokens or 0, record.completion_tokens or 0,
+                              error=error)

@@ -23,7 +23,7 @@ from server.routes.json_body import JSONBody, JSONBodyRoute
 
 async def get_evaluations(services: ServicesDep) -> EvaluationService:
     return EvaluationService(services.gateway, services.jobs,
-                             services.settings.evaluation_concurrency)
+                             services.settings.evaluation_concurrency, services.usage)
 
 
 EvaluationsDep = Annotated[EvaluationService, Depends(get_evaluations)]

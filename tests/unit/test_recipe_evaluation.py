@@ -241,3 +241,23 @@ async def test_a_failed_answer_scores_zero_and_is_counted(gw: Gw, acme) -> None:
     assert column["failed"] == 3 and column["exact_match"] == 0.0
     assert column["mean_output_tokens"] is None
     assert r.json()["errors"]
+
+
+async def test_an_evaluations_answers_are_metered_as_the_tenants_requests(gw: Gw, acme) -> None:
+    held_out, training = await files(gw, acme)
+    r = await gw.client.post(EVALS, headers=acme, json={
+        "models": [BASE_MODEL, "bot@1"], "validation_file": held_out,
+        "training_file": training, "few_shot": 2})
+    assert r.status_code == 200, r.text
+    assert await gw.services.usage.flush() is True
+    usage = await gw.admin("GET", "/admin/tenants/acme/usage", params={"group_by": "adapter"})
+    assert usage.status_code == 200, usage.text
+    rows = {e["adapter"]: e for e in usage.json()["data"]}
+    words = {kind: sum(len(a.split()) for a in answers) for kind, answers in ANSWERS.items()}
+    base, adapter = rows.pop(None), rows.popitem()[1]
+    assert not rows
+    assert (base["requests"], base["errors"]) == (6, 0)  # the base model, plain and prompted
+    assert base["prompt_tokens"] == 6 * 9
+    assert base["completion_tokens"] == words["base"] + words["prompted"]
+    assert (adapter["requests"], adapter["prompt_tokens"], adapter["completion_tokens"]) == (
+        3, 3 * 9, words["adapter"])
