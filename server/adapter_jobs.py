@@ -10,6 +10,8 @@ can combine, and the result fits `max_lora_rank`. The job then runs like a fine-
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -20,6 +22,7 @@ from adapters.registry.models import FineTuneJob
 from adapters.store import AdapterStore, FolderFile, LocalStore
 from adapters.training.jobs import JobStatus, JobStore
 from adapters.training.merging import Source, check_merge
+from adapters.validation import CONFIG_FILE
 from server.fine_tuning import job_object
 from server.protocol.fine_tuning import ExportObject, FineTuningJob, JobError, MergeSpec
 
@@ -49,6 +52,12 @@ class AdapterJobService:
                 raise InvalidInput(f"source {source.model!r} is not a version of an adapter of "
                                    f"{tenant}: {exc.message}", param=param,
                                    code="unknown_source") from exc
+            if await self._uses_rslora(version.store_key):
+                # add_weighted_adapter folds each source's scale into its weights and gives
+                # the result alpha = r; an rsLoRA source would be scaled again when served.
+                raise InvalidInput(f"source {source.model!r} is an rsLoRA adapter "
+                                   "(use_rslora), which cannot be merged", param=param,
+                                   code="rslora_not_mergeable")
             sources.append(Source(model=f"{ref.adapter}@{version.version}",
                                   weight=source.weight, rank=version.rank,
                                   target_modules=tuple(version.target_modules),
@@ -63,6 +72,15 @@ class AdapterJobService:
             tenant, "merge", model=self.model_name, adapter_name=name, params=params,
             message=f"Merge of {', '.join(s.model for s in sources)} ({spec.method}) queued")
         return job_object(job)
+
+    async def _uses_rslora(self, key: str) -> bool:
+        folder = await self.store.checkout(key)
+        try:
+            raw = await asyncio.to_thread((folder / CONFIG_FILE).read_bytes)
+        finally:
+            self.store.release(key)
+        config = json.loads(raw)  # checked at registration: a JSON object
+        return bool(config.get("use_rslora"))
 
     async def export(self, tenant: str, name: str, version: int,
                      dtype: str = "auto") -> ExportObject:

@@ -232,3 +232,14 @@ async def test_an_export_downloads_file_by_file_and_goes_with_its_adapter(
     gw.expect_error(await gw.admin("GET", url), 404, code="export_not_found")
     gw.expect_error(await gw.admin("GET", url + "/files/config.json"), 404,
                     code="export_not_found")
+
+
+async def test_an_rslora_source_is_refused_before_any_job(gw: Gw, acme, make_adapter) -> None:
+    await gw.register("acme", "scaled", make_adapter(r=8, seed=9,
+                                                     config_overrides={"use_rslora": True}))
+    before = len((await gw.admin("GET", "/admin/fine_tuning/jobs")).json()["data"])
+    r = await gw.admin("POST", VERSIONS.format("combo"),
+                       json=merge_body("linear", None, ("french@2", "scaled@1")))
+    error = gw.expect_error(r, 400, code="rslora_not_mergeable")
+    assert error["param"] == "merge.sources.1.model" and "scaled@1" in error["message"]
+    assert len((await gw.admin("GET", "/admin/fine_tuning/jobs")).json()["data"]) == before
