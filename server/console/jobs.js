@@ -2,7 +2,7 @@
 // events, its training loss over steps as a chart, and the held-out evaluation of the
 // adapter against the base model beside it. A running job is refreshed while shown.
 
-import { call, get, getAll, path, postForm } from "./api.js";
+import { call, get, getAll, postForm } from "./api.js";
 import { legend, lineChart } from "./chart.js";
 import { append, attempt, button, clear, field, h, say, section, table, time } from "./dom.js";
 
@@ -229,9 +229,9 @@ function draw(box, ctx, job, events, checkpoints, refresh) {
         + (job.finished_at ? ` · finished ${time(job.finished_at)}` : "")),
       job.error ? h("p", { class: "notice error", id: "job-error",
                            text: `${job.error.code}: ${job.error.message}` }) : null,
-      ctx.role === "tenant" && !FINAL.has(job.status) ? button("Cancel job", () => attempt(out,
+      !FINAL.has(job.status) ? button("Cancel job", () => attempt(out,
         async () => {
-          await call("POST", `${path("v1", "fine_tuning", "jobs", job.id)}/cancel`);
+          await call("POST", `${base(ctx)}/${encodeURIComponent(job.id)}/cancel`);
           await refresh();
         }), "danger") : null,
       out),

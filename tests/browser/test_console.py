@@ -397,6 +397,13 @@ def test_a_job_shows_its_loss_chart_evaluation_and_events(
     assert job["hyperparameters"]["n_epochs"] == 1
     page.screenshot("11-job-new")
 
+    # The operator cancels it (no worker runs in this console's server: it stays unclaimed).
+    page.login_admin(f"jobs/{new_id}")
+    page.wait_text("#job button", "Cancel job").click()
+    page.wait_text("#job-status", "cancelled")
+    assert console.admin.get(f"/admin/fine_tuning/jobs/{new_id}").json()["status"] == "cancelled"
+    assert not [b for b in page.all("#job button") if b.text == "Cancel job"]
+
 
 # -- usage ---------------------------------------------------------------------------------------
 
