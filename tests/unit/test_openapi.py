@@ -8,7 +8,8 @@ from typing import Any
 CANNOT_FAIL = {("get", "/metrics")}
 # POST/PUT operations that take no body (the path says everything).
 NO_BODY = {("put", "/admin/tenants/{tenant}/adapters/{name}/versions/{version}/pin"),
-           ("post", "/v1/fine_tuning/jobs/{job_id}/cancel")}
+           ("post", "/v1/fine_tuning/jobs/{job_id}/cancel"),
+           ("post", "/admin/fine_tuning/jobs/{job_id}/cancel")}
 
 
 async def _schema(gw: Any) -> dict[str, Any]:
