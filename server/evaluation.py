@@ -175,9 +175,7 @@ class EvaluationService:
         return Output(text, tokens if isinstance(tokens, int) else None)
 
     def _metered(self, record: RequestRecord, error: bool) -> None:
-        """Metered like a tenant's own request (the access log's rule: once the model is
-        resolved): an evaluation's answers are engine work the tenant asked for."""
-        if self.meter is not None and record.model is not None:
-            self.meter.record(record.tenant or "", record.adapter, record.key_id,
-                              record.prompt_tokens or 0, record.completion_tokens or 0,
-                              error=error)
+        """Metered like a tenant's own request: an evaluation's answers are engine work the
+        tenant asked for."""
+        if self.meter is not None:
+            record.meter(self.meter, error)

@@ -49,6 +49,13 @@ class RequestRecord:
     # Headers to add to the answer, whatever it is (the x-ratelimit-* of the tenant's limits).
     headers: list[tuple[bytes, bytes]] | None = None
 
+    def meter(self, meter: UsageMeter, error: bool) -> None:
+        """Count this request in the tenant's usage if it was for a model the tenant has
+        (`model` is set once resolved); refused ones (429s, engine errors) as errors."""
+        if self.model is not None:
+            meter.record(self.tenant or "", self.adapter, self.key_id, self.prompt_tokens or 0,
+                         self.completion_tokens or 0, error=error)
+
 
 class RequestObserver:
     """ASGI middleware: request id, unit name, access log line, request metrics and usage
@@ -107,9 +114,5 @@ class RequestObserver:
             m.prompt_tokens.labels(tenant, adapter).inc(r.prompt_tokens)
         if r.completion_tokens:
             m.completion_tokens.labels(tenant, adapter).inc(r.completion_tokens)
-        if self.meter is not None and r.model is not None and endpoint in METERED:
-            # Every request for a model the tenant has (`model` is set once resolved),
-            # refused ones (429s, engine errors) as errors.
-            self.meter.record(r.tenant or "", r.adapter, r.key_id, r.prompt_tokens or 0,
-                              r.completion_tokens or 0,
-                              error=r.status >= 400 or r.status == 0 or r.error is not None)
+        if self.meter is not None and endpoint in METERED:
+            r.meter(self.meter, error=r.status >= 400 or r.status == 0 or r.error is not None)
