@@ -10,7 +10,7 @@ from typing import Any, get_args
 from server.admin_cli.client import AdminClient, path
 from server.admin_cli.command import Subparsers, action, confirm, group, positive
 from server.admin_cli.download import download_export
-from server.admin_cli.errors import JOB_NOT_SUCCEEDED, OK, UsageError
+from server.admin_cli.errors import INTERRUPTED, JOB_NOT_SUCCEEDED, OK, UsageError
 from server.admin_cli.follow import FINAL_VALUES, follow
 from server.admin_cli.output import Output, size, status, when
 from server.admin_cli.upload import push_folder
@@ -169,8 +169,10 @@ def export(args: argparse.Namespace, client: AdminClient, out: Output) -> int:
                 time.sleep(args.interval)
                 export_ = client.get(url, params=query)
         else:
-            follow(argparse.Namespace(job_id=export_["job_id"], interval=args.interval),
-                   client, out)
+            followed = follow(argparse.Namespace(job_id=export_["job_id"],
+                                                 interval=args.interval), client, out)
+            if followed == INTERRUPTED:  # Ctrl-C: the export goes on; nothing downloaded
+                return followed
             export_ = client.get(url, params=query)
     if args.download is not None and export_["status"] == "succeeded":
         download_export(client, export_, args.download, out)

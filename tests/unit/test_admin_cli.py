@@ -843,3 +843,32 @@ def test_adapters_export_waits_downloads_checked_and_refuses_what_it_should(
     assert "broke off" in broken.err or "did not download intact" in broken.err, broken.err
     assert not (tmp_path / "again").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".again")] == []
+
+
+def test_ctrl_c_while_an_export_is_followed_stops_and_downloads_nothing(
+        live: LiveGateway, cli: Cli, peft_folder: Path, tmp_path: Path) -> None:
+    tenant_with_key(live, "y-acme")
+    assert cli("adapters", "push", "y-acme", "bot", str(peft_folder)).code == OK
+    dest = tmp_path / "merged"
+    proc = subprocess.Popen([str(LORAPLEX), "adapters", "export", "y-acme", "bot", "1",
+                             "--download", str(dest), "--interval", "0.02", "--url", live.url,
+                             "--admin-token", ADMIN_TOKEN],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:  # no worker runs it: the export job stays queued while it is followed
+        wait_for(lambda: sum(live.served.count("GET", f"/admin/fine_tuning/jobs/{j}")
+                             for j in _export_jobs(live, "y-acme")) >= 3, "following to start")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == INTERRUPTED, (out, err)
+    assert "Stopped following" in err and "the job goes on" in err and "Traceback" not in err
+    assert not dest.exists()
+    export_ = api(live, "GET", "/admin/tenants/y-acme/adapters/bot/versions/1/export").json()
+    assert export_["status"] == "queued"
+
+
+def _export_jobs(live: LiveGateway, tenant: str) -> list[str]:
+    job = live.call(live.services.jobs.latest_task(tenant, "export", "bot"))
+    return [job.id] if job is not None else []
